@@ -1,0 +1,5 @@
+"""``python -m medad`` = the ``medad`` console script."""
+
+from medad.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""Running medad bundles with stock MONAI and with the ``medad`` front.
+
+Stock MONAI cannot take ``--config <folder>`` (fire passes it on as a config override and
+``config_file`` must be a .json/.yaml file). So every bundle config resolves its own ``bundle_root``
+with :func:`locate` (plain ``python -m monai.bundle run --config_file bundles/<name>/configs/train.json``
+works from the repository root), and :func:`run` is the folder-taking front used by ``python -m medad run``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["locate", "config_files", "run", "verify_metadata", "export", "schema_path", "WORKFLOWS"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: workflow name -> the bundle config files merged for it (later files override earlier ones).
+WORKFLOWS: dict[str, tuple[str, ...]] = {
+    "train": ("train.json",),
+    "inference": ("inference.json",),
+    "evaluate": ("inference.json", "evaluate.json"),
+    "multi_gpu_train": ("train.json", "multi_gpu_train.json"),
+}
+
+
+def locate(name: str) -> str:
+    """The folder of bundle ``name``: ``$MEDAD_BUNDLES/<name>``, ``./bundles/<name>``, or the checkout's copy."""
+    candidates = []
+    if os.environ.get("MEDAD_BUNDLES"):
+        candidates.append(Path(os.environ["MEDAD_BUNDLES"]) / name)
+    candidates += [Path.cwd() / "bundles" / name, REPO_ROOT / "bundles" / name]
+    for candidate in candidates:
+        if (candidate / "configs").is_dir():
+            return str(candidate.resolve())
+    raise FileNotFoundError(f"bundle '{name}' not found in {', '.join(str(c) for c in candidates)}.")
+
+
+def schema_path() -> str:
+    """The bundle-metadata JSON schema shipped with medad (so verification works offline)."""
+    return str(Path(__file__).resolve().parent / "schemas" / "meta_schema.json")
+
+
+def _bundle_dir(config: str | os.PathLike) -> Path:
+    path = Path(config)
+    if not path.exists() and not path.is_absolute():
+        try:
+            path = Path(locate(str(config)))
+        except FileNotFoundError:
+            pass
+    if path.is_file():  # a config file inside <bundle>/configs
+        path = path.parent.parent
+    if not (path / "configs").is_dir():
+        raise FileNotFoundError(f"{config}: not a bundle folder (expected a 'configs' folder inside it).")
+    return path.resolve()
+
+
+def config_files(config: str | os.PathLike, workflow: str = "train") -> list[str]:
+    """The config files of ``workflow`` for the bundle at ``config`` (a folder, or a bundle name)."""
+    if workflow not in WORKFLOWS:
+        raise ValueError(f"unknown workflow '{workflow}'; choose one of {', '.join(WORKFLOWS)}.")
+    configs = _bundle_dir(config) / "configs"
+    files = [configs / name for name in WORKFLOWS[workflow]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: config file missing for workflow '{workflow}'.")
+    return [str(f) for f in files]
+
+
+def run(
+    config: str | os.PathLike,
+    workflow: str = "train",
+    run_id: str = "run",
+    extra_configs: Sequence[str] | None = None,
+    **override: Any,
+) -> None:
+    """Run a bundle folder the way ``python -m monai.bundle run`` runs its config files.
+
+    Args:
+        config: the bundle folder (``bundles/disyre``) or a bundle name (``disyre``).
+        workflow: ``train`` (train + evaluate), ``inference``, ``evaluate`` or ``multi_gpu_train``.
+        run_id: the config entry to run (MONAI's ``run_id``).
+        extra_configs: more config files merged after the workflow's own.
+        override: ``--key value`` overrides, as for ``monai.bundle run`` (e.g. ``dataset_dir``, ``quick``).
+    """
+    from monai.bundle import run as monai_run
+
+    bundle = _bundle_dir(config)
+    files = config_files(bundle, workflow) + list(extra_configs or [])
+    override.setdefault("bundle_root", str(bundle))
+    logging_file = bundle / "configs" / "logging.conf"
+    monai_run(
+        run_id=run_id,
+        config_file=files,
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(logging_file) if logging_file.is_file() else None,
+        **override,
+    )
+
+
+def verify_metadata(config: str | os.PathLike) -> None:
+    """Validate ``configs/metadata.json`` against the shipped schema, offline."""
+    from monai.bundle import verify_metadata as monai_verify
+
+    bundle = _bundle_dir(config)
+    monai_verify(meta_file=str(bundle / "configs" / "metadata.json"), filepath=schema_path())
+
+
+def export(config: str | os.PathLike, ckpt_file: str | None = None, filepath: str | None = None, **override: Any) -> str:
+    """Export the trained network of a bundle to TorchScript with ``monai.bundle ckpt_export``."""
+    from monai.bundle import ckpt_export
+
+    bundle = _bundle_dir(config)
+    filepath = filepath or str(bundle / "models" / "model.ts")
+    ckpt_export(
+        net_id="network_def",
+        filepath=filepath,
+        ckpt_file=ckpt_file or str(bundle / "models" / "model.pt"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "inference.json"),
+        key_in_ckpt="network",
+        bundle_root=str(bundle),
+        **override,
+    )
+    return filepath

@@ -1,0 +1,48 @@
+"""medad.data: dataset readers (MVTec AD layout, NIfTI folders), loading transforms, embedded demo data."""
+
+from medad.data.demo import DEMO_DEFECTS, MARKER_NAME, demo_root, load_mni152, make_demo_mri, make_demo_mvtec
+from medad.data.mvtec import IMAGE_EXTENSIONS, mvtec_datalist, split_train_val
+from medad.data.nifti import (
+    BRAIN_MASK_SUFFIXES,
+    MASK_SUFFIXES,
+    ScalePercentilesInMaskd,
+    nifti_datalist,
+    nifti_stem,
+    volume_transforms,
+)
+from medad.data.transforms import (
+    DropNoneKeysd,
+    EnsureMaskd,
+    ResizeImaged,
+    ScaleIntensityByDtyped,
+    ToChannelsd,
+    image_reader,
+    image_transforms,
+    pil_converter,
+)
+
+__all__ = [
+    "BRAIN_MASK_SUFFIXES",
+    "DEMO_DEFECTS",
+    "IMAGE_EXTENSIONS",
+    "MARKER_NAME",
+    "MASK_SUFFIXES",
+    "DropNoneKeysd",
+    "EnsureMaskd",
+    "ResizeImaged",
+    "ScaleIntensityByDtyped",
+    "ScalePercentilesInMaskd",
+    "ToChannelsd",
+    "demo_root",
+    "image_reader",
+    "image_transforms",
+    "load_mni152",
+    "make_demo_mri",
+    "make_demo_mvtec",
+    "mvtec_datalist",
+    "nifti_datalist",
+    "nifti_stem",
+    "pil_converter",
+    "split_train_val",
+    "volume_transforms",
+]

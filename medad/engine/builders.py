@@ -1,0 +1,209 @@
+"""Builders the bundle configs call: data loaders for image folders (MVTec layout) and the embedded demo."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader, Dataset
+
+from .distributed import is_distributed
+
+__all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "optimizer"]
+
+
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False) -> DataLoader:
+    sampler = None
+    if shuffle and is_distributed():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)  # each rank sees its own share
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
+
+
+def image_loaders(
+    dataset_dir: str | os.PathLike | None,
+    category: str | None = None,
+    image_size: int | Sequence[int] = 256,
+    channels: int = 3,
+    batch_size: int = 8,
+    eval_batch_size: int = 8,
+    augment: bool = False,
+    rotate90: bool = False,
+    val_fraction: float = 0.1,
+    num_workers: int = 0,
+    demo_dir: str | os.PathLike | None = None,
+    demo_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_train_images: int | None = None,
+) -> dict[str, DataLoader]:
+    """Train / calibration / test loaders for an MVTec-AD-layout folder, or the embedded demo when none is given.
+
+    Args:
+        dataset_dir: an MVTec AD category folder, or the dataset root with ``category``; None: the embedded
+            demo data, generated (once) into ``demo_dir``.
+        category: category folder inside ``dataset_dir``.
+        image_size: images are resized to this.
+        channels: 1 (gray) or 3 (RGB).
+        batch_size / eval_batch_size: training / evaluation batch sizes.
+        augment / rotate90: training augmentation (flips, rotations).
+        val_fraction: part of ``train/good`` held out (never trained on) to calibrate thresholds.
+        num_workers: DataLoader workers.
+        demo_dir: where the demo data goes; demo_kwargs: arguments of :func:`medad.data.make_demo_mvtec`.
+        seed: seed of the train/validation split.
+        max_train_images: use only the first N training images (quick runs).
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}``; ``val`` holds normal images only.
+    """
+    from medad import data
+
+    if dataset_dir is None:
+        if demo_dir is None:
+            raise ValueError("either dataset_dir or demo_dir must be given.")
+        root = data.make_demo_mvtec(Path(demo_dir), **(demo_kwargs or {}))
+        category = None
+    else:
+        root = Path(dataset_dir)
+    train_list = data.mvtec_datalist(root, category, split="train")
+    train_list, val_list = data.split_train_val(train_list, val_fraction, seed=seed)
+    if max_train_images:
+        train_list = train_list[: int(max_train_images)]
+    test_list = data.mvtec_datalist(root, category, split="test")
+    train_tf = data.image_transforms(image_size, channels, augment=augment, rotate90=rotate90)
+    eval_tf = data.image_transforms(image_size, channels, augment=False)
+    return {
+        "train": _loader(Dataset(train_list, train_tf), batch_size, True, num_workers, drop_last=len(train_list) > batch_size),
+        "val": _loader(Dataset(val_list, eval_tf), eval_batch_size, False, num_workers),
+        "test": _loader(Dataset(test_list, eval_tf), eval_batch_size, False, num_workers),
+    }
+
+
+def optimizer(name: str, params: Any, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+    """``torch.optim.<name>`` by name (Adam, AdamW), so configs stay short."""
+    return getattr(torch.optim, name)(params, lr=lr, **kwargs)
+
+
+def image_folder_loader(
+    input_dir: str | os.PathLike,
+    image_size: int | Sequence[int] = 256,
+    channels: int = 3,
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader over every image under ``input_dir`` (recursively), for inference on new, unlabelled images."""
+    from medad import data
+
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: input folder not found.")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{root}: no images found (looked for {', '.join(data.IMAGE_EXTENSIONS)}).")
+    items = [
+        {"image": str(p), "mask": None, "case_id": str(p.relative_to(root).with_suffix("")).replace(os.sep, "_")}
+        for p in files
+    ]
+    return _loader(Dataset(items, data.image_transforms(image_size, channels, augment=False)), batch_size, False, num_workers)
+
+
+def slice_training_transforms(
+    slices_per_volume: int,
+    patch_size: Sequence[int] | None,
+    size_divisor: int,
+    image_key: str = "image",
+    brain_mask_key: str = "brain_mask",
+) -> list:
+    """Random axial slices (through the brain) of a loaded ``(1, X, Y, Z)`` volume, as ``(1, H, W)`` patches.
+
+    Slices are centred on brain voxels (``RandCropByPosNegLabeld`` on the brain mask), so training never sees
+    empty slices; each is zero-padded to a multiple of ``size_divisor`` and, with ``patch_size``, randomly cropped
+    (DISYRE trains on 128² patches of axial slices).
+    """
+    from monai import transforms as mt
+
+    keys = [image_key, brain_mask_key]
+    chain = [
+        mt.RandCropByPosNegLabeld(keys, label_key=brain_mask_key, spatial_size=(-1, -1, 1), pos=1.0, neg=0.0,
+                                  num_samples=slices_per_volume),
+        mt.SqueezeDimd(keys, dim=-1),
+    ]
+    if patch_size is not None:
+        chain += [mt.SpatialPadd(keys, spatial_size=tuple(patch_size)), mt.RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False)]
+    chain.append(mt.DivisiblePadd(keys, k=size_divisor))
+    return chain
+
+
+def volume_loaders(
+    dataset_dir: str | os.PathLike | None,
+    test_dir: str | os.PathLike | None = None,
+    test_mask_dir: str | os.PathLike | None = None,
+    brain_mask_dir: str | os.PathLike | None = None,
+    pixdim: float | Sequence[float] | None = None,
+    intensity: str | None = None,
+    slices_per_volume: int = 12,
+    patch_size: Sequence[int] | None = None,
+    size_divisor: int = 8,
+    batch_size: int = 8,
+    val_fraction: float = 0.1,
+    num_workers: int = 0,
+    demo_dir: str | os.PathLike | None = None,
+    demo_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    cache: bool = True,
+) -> dict[str, DataLoader]:
+    """Brain-MRI loaders: 2D axial-slice training batches from healthy volumes; whole volumes for calibration/test.
+
+    Args:
+        dataset_dir: folder of healthy (preprocessed) NIfTI volumes for training; None: the embedded demo.
+        test_dir: folder of test volumes; test_mask_dir: their lesion masks (``<case>_mask.nii.gz`` etc.).
+        brain_mask_dir: brain masks (``<case>_brain_mask.nii.gz``); default: nonzero voxels.
+        pixdim: resample to this spacing in mm (None keeps the files' grid).
+        intensity: ``"percentile"`` scales inside the brain to [0, 1]; None when already preprocessed.
+        slices_per_volume / batch_size: a training batch holds ``batch_size * slices_per_volume`` slices
+            (DISYRE: 8 volumes x 12 slices).
+        patch_size: random 2D patch of each slice (DISYRE: 128 x 128); None keeps whole slices.
+        size_divisor: slices are padded to a multiple of this (the UNet's ``2 ** (levels - 1)``).
+        val_fraction: healthy volumes held out for threshold calibration.
+        demo_dir / demo_kwargs: the embedded demo (:func:`medad.data.make_demo_mri`) when ``dataset_dir`` is None.
+
+    Returns:
+        ``{"train", "val", "test"}``: ``train`` yields ``image``/``brain_mask`` (B·S, 1, H, W); ``val`` and ``test``
+        yield one volume per batch, ``image``/``mask``/``brain_mask`` (1, 1, X, Y, Z), with the affine in the meta.
+    """
+    from monai import transforms as mt
+    from monai.data import CacheDataset
+
+    from medad import data
+
+    if dataset_dir is None:
+        if demo_dir is None:
+            raise ValueError("either dataset_dir or demo_dir must be given.")
+        root = data.make_demo_mri(Path(demo_dir), **(demo_kwargs or {}))
+        dataset_dir, test_dir = root / "train", root / "test"
+        test_mask_dir, brain_mask_dir = root / "test_masks", root / "brain_masks"
+    train_list = data.nifti_datalist(dataset_dir, brain_mask_dir=brain_mask_dir)
+    train_list, val_list = data.split_train_val(train_list, val_fraction, seed=seed)
+    test_list = data.nifti_datalist(test_dir, mask_dir=test_mask_dir, brain_mask_dir=brain_mask_dir) if test_dir else []
+    for item in test_list:
+        item["label"] = int(item.get("mask") is not None)
+
+    load = data.volume_transforms(pixdim=pixdim, intensity=intensity)
+    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor)])
+    dataset_type = CacheDataset if cache else Dataset
+    kwargs = {"progress": False} if cache else {}
+    loaders = {
+        "train": _loader(dataset_type(train_list, train_tf, **kwargs), batch_size, True, num_workers),
+        "val": _loader(Dataset(val_list, load), 1, False, num_workers),
+    }
+    if test_list:
+        loaders["test"] = _loader(Dataset(test_list, load), 1, False, num_workers)
+    return loaders

@@ -1,0 +1,53 @@
+"""Small helpers so the same training code runs alone or under ``torchrun`` (PyTorch DDP)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "init_distributed", "unwrap", "barrier"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes checkpoints, maps and tables, so nothing is written twice."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Initialise the process group from ``torchrun``'s environment and return this rank's device.
+
+    Args:
+        backend: ``"nccl"`` on GPUs, ``"gloo"`` on CPUs; default picks by CUDA availability.
+    """
+    if not is_distributed():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside a DistributedDataParallel / DataParallel wrapper."""
+    return network.module if hasattr(network, "module") else network

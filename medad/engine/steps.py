@@ -1,0 +1,67 @@
+"""Training steps: ``step(network, batch) -> {"loss": scalar, ...}``, one per training objective.
+
+Method-specific steps that need more (FAIR's corruptions, DISYRE's schedule, ADDM's adversary) live in
+:mod:`medad.methods`; the plain diffusion objective is shared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from medad.diffusion import GaussianDiffusion
+from medad.inferers.base import to_model_range
+
+__all__ = ["DiffusionStep"]
+
+
+class DiffusionStep(nn.Module):
+    """DDPM objective on normal images: sample t and noise, ``diffusion.training_losses``.
+
+    Args:
+        diffusion: the shared :class:`~medad.diffusion.GaussianDiffusion` (its loss type chooses MSE / L1 / hybrid).
+        data_range: range of the loaders' images, mapped to [-1, 1].
+        noise: ``"gaussian"`` or ``"simplex"`` (AnoDDPM trains on simplex noise to detect with it).
+        simplex_kwargs: arguments of :func:`medad.corruptions.simplex_noise`.
+        image_key: batch key of the images.
+    """
+
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        data_range: tuple[float, float] = (0.0, 1.0),
+        noise: str = "gaussian",
+        simplex_kwargs: dict[str, Any] | None = None,
+        image_key: str = "image",
+    ) -> None:
+        super().__init__()
+        if noise not in ("gaussian", "simplex"):
+            raise ValueError(f"noise must be 'gaussian' or 'simplex', got {noise!r}.")
+        self.diffusion = diffusion
+        self.data_range = tuple(data_range)
+        self.noise = noise
+        self.simplex_kwargs = dict(simplex_kwargs or {})
+        self.image_key = image_key
+
+    def sample_noise(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.noise == "gaussian":
+            return torch.randn_like(x0)
+        from medad.corruptions import simplex_noise
+
+        return simplex_noise(tuple(x0.shape), **self.simplex_kwargs).to(x0)
+
+    def losses(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The per-sample terms of ``training_losses`` (for steps that add to them)."""
+        x0 = to_model_range(batch[self.image_key], self.data_range)
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
+        return self.diffusion.training_losses(network, x0, t, noise=self.sample_noise(x0))
+
+    def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        terms = self.losses(network, batch)
+        out = {"loss": terms["loss"].mean(), "mse": terms["mse"].mean()}
+        if "vb" in terms:
+            out["vb"] = terms["vb"].mean()
+        return out

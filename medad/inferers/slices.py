@@ -1,0 +1,76 @@
+"""3D slice aggregation: run a 2D restoration inferer on every slice of a volume, return volumes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .base import AnomalyInferer
+
+__all__ = ["SliceInferer"]
+
+
+class SliceInferer(AnomalyInferer):
+    """Apply a 2D inferer slice by slice along one axis and stack the results back into volumes.
+
+    Slices are padded (zeros) to a multiple of ``size_divisor`` for the UNet and cropped back; slices that are
+    entirely background are skipped (their map is 0 and their restoration is the input), which is both faster and
+    keeps the background exactly zero.
+
+    Args:
+        inferer: a 2D :class:`AnomalyInferer` (possibly a sliding-window one).
+        spatial_dim: the axis of the volume (0, 1 or 2 of the spatial axes) that is sliced; 2 = axial for RAS
+            volumes.
+        slice_batch_size: slices per call of the 2D inferer.
+        size_divisor: pad slices to a multiple of this (``2 ** (levels - 1)`` of the UNet).
+        background_threshold: a slice whose inputs are all <= this is background.
+    """
+
+    def __init__(
+        self,
+        inferer: AnomalyInferer,
+        spatial_dim: int = 2,
+        slice_batch_size: int = 16,
+        size_divisor: int = 8,
+        background_threshold: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dim not in (0, 1, 2):
+            raise ValueError(f"spatial_dim must be 0, 1 or 2, got {spatial_dim}.")
+        self.inferer = inferer
+        self.spatial_dim = spatial_dim
+        self.slice_batch_size = slice_batch_size
+        self.size_divisor = size_divisor
+        self.background_threshold = background_threshold
+
+    def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        h, w = slices.shape[-2:]
+        ph, pw = (-h) % self.size_divisor, (-w) % self.size_divisor
+        return F.pad(slices, (0, pw, 0, ph)), (h, w)
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """(B, C, X, Y, Z) volumes -> ``anomaly_map`` (B, 1, X, Y, Z), ``restoration`` (B, C, X, Y, Z)."""
+        if inputs.dim() != 5:
+            raise ValueError(f"SliceInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
+        axis = 2 + self.spatial_dim
+        moved = inputs.movedim(axis, 1)  # (B, S, C, H, W)
+        b, s, c, h, w = moved.shape
+        slices = moved.reshape(b * s, c, h, w)
+        anomaly = torch.zeros(b * s, 1, h, w, dtype=inputs.dtype, device=inputs.device)
+        restoration = slices.clone()
+        foreground = slices.flatten(1).amax(dim=1) > self.background_threshold
+        index = torch.nonzero(foreground).flatten()
+        for start in range(0, len(index), self.slice_batch_size):
+            chunk = index[start : start + self.slice_batch_size]
+            padded, (hh, ww) = self._pad(slices[chunk])
+            out = self.inferer(padded, network, *args, **kwargs)
+            anomaly[chunk] = out["anomaly_map"][..., :hh, :ww]
+            restoration[chunk] = out["restoration"][..., :hh, :ww]
+
+        def back(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(b, s, x.shape[1], h, w).movedim(1, axis)
+
+        return {"anomaly_map": back(anomaly), "restoration": back(restoration)}

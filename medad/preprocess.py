@@ -1,0 +1,281 @@
+"""Preprocess a cohort of T1 brain MRI volumes (command line: ``scripts/preprocess_mri.py``).
+
+For every ``input_dir/<case>.nii[.gz]`` the pipeline of :mod:`medad.transforms.mri` runs
+
+    load -> reorient to RAS -> N4 (optional) -> skull strip -> register to MNI152 -> normalise
+
+and writes, each file atomically (temporary name + ``os.replace``)::
+
+    output_dir/images/<case>.nii.gz                     template-space image, float32
+    output_dir/brain_masks/<case>_brain_mask.nii.gz     template-space brain mask, uint8
+    output_dir/transforms/<case>/                       ANTs transforms + registration.json
+    output_dir/preprocess_log.csv                       one row per case (rewritten after each case)
+
+A case whose three outputs exist is skipped (resumable) unless ``overwrite``. A case that fails
+(unreadable file, 4D volume, ...) gets one ``error`` row ``"<file>: <problem>"`` and the cohort
+goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from medad.transforms.mri import (
+    NORMALIZATION_MODES,
+    REGISTRATION_RECORD_NAME,
+    REGISTRATION_TRANSFORMS,
+    SKULL_STRIP_BACKENDS,
+    N4BiasCorrectiond,
+    NormalizeIntensityInBraind,
+    RegisterToTemplated,
+    ReorientToCanonicald,
+    SkullStripd,
+    load_volume,
+    save_volume,
+)
+
+__all__ = ["STEPS", "LOG_NAME", "case_id_of", "case_outputs", "preprocess_cohort", "write_montage", "main"]
+
+STEPS: tuple[str, ...] = ("load", "reorient", "n4", "skull_strip", "register", "normalize", "save")
+LOG_NAME = "preprocess_log.csv"
+
+
+def case_id_of(path: str | os.PathLike) -> str:
+    """Case identifier: the file name without ``.nii.gz`` / ``.nii``."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def case_outputs(output_dir: str | os.PathLike, case_id: str) -> dict[str, Path]:
+    """Paths of a case's outputs: ``image``, ``brain_mask``, ``transforms`` (folder), ``record``."""
+    out = Path(output_dir)
+    transforms = out / "transforms" / case_id
+    return {
+        "image": out / "images" / f"{case_id}.nii.gz",
+        "brain_mask": out / "brain_masks" / f"{case_id}_brain_mask.nii.gz",
+        "transforms": transforms,
+        "record": transforms / REGISTRATION_RECORD_NAME,
+    }
+
+
+def _is_done(paths: dict[str, Path]) -> bool:
+    return all(paths[k].is_file() for k in ("image", "brain_mask", "record"))
+
+
+def _write_log(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
+    columns = ["case", "file", "status", "error", *[f"seconds_{s}" for s in STEPS], "total_seconds",
+               "image", "brain_mask", "transforms"]
+    frame = pd.DataFrame(rows, columns=columns)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return frame
+
+
+class _CasePipeline:
+    """The cohort's transforms, built once (deepbet loads its model once) and run step by step."""
+
+    def __init__(self, transforms_dir: Path, skull_strip: str, registration: str, normalization: str, n4: bool,
+                 device: str) -> None:
+        self.transforms_dir = transforms_dir
+        self.steps: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+            ("reorient", ReorientToCanonicald(keys="image")),
+        ]
+        if n4:
+            self.steps.append(("n4", N4BiasCorrectiond(keys="image")))
+        self.steps.append(("skull_strip", SkullStripd(keys="image", backend=skull_strip, device=device)))
+        self.register = RegisterToTemplated(keys="image", output_dir=transforms_dir, transform=registration)
+        self.steps.append(("register", self.register))
+        self.steps.append(("normalize", NormalizeIntensityInBraind(keys="image", mode=normalization)))
+
+    def __call__(self, path: Path, case_id: str, work_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
+        start = time.perf_counter()
+        data: dict[str, Any] = {"image": load_volume(path), "case_id": case_id}
+        timings["load"] = time.perf_counter() - start
+        # Registration writes into a hidden work folder that is renamed once the case succeeds.
+        self.register.output_dir = work_dir
+        for name, transform in self.steps:
+            start = time.perf_counter()
+            try:
+                data = transform(data)
+            except Exception as exc:
+                raise RuntimeError(f"{name.replace('_', ' ')} failed: {exc}") from exc
+            timings[name] = time.perf_counter() - start
+        return data
+
+
+def _error_message(path: Path, exc: BaseException) -> str:
+    message = str(exc).strip() or type(exc).__name__
+    message = " ".join(message.split())
+    return message if message.startswith(str(path)) else f"{path}: {message}"
+
+
+def preprocess_cohort(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    skull_strip: str = "deepbet",
+    registration: str = "affine",
+    normalization: str = "minmax",
+    n4: bool = True,
+    overwrite: bool = False,
+    glob: str = "*.nii*",
+    limit: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Preprocess every NIfTI file in ``input_dir`` (see the module docstring for the outputs).
+
+    Args:
+        input_dir: folder of 3D T1 volumes (any orientation).
+        output_dir: output folder (created).
+        skull_strip: ``"deepbet"``, ``"brainextractor"`` or ``"atlas"``.
+        registration: ``"rigid"``, ``"affine"`` or ``"syn"`` to MNI152 2 mm.
+        normalization: ``"minmax"`` (percentile clip, [0, 1]) or ``"zscore"``, inside the brain.
+        n4: run N4 bias-field correction.
+        overwrite: redo cases whose outputs exist (otherwise they are skipped).
+        glob: file pattern inside ``input_dir``.
+        limit: process at most this many files (in sorted order).
+        device: torch device for deepbet.
+        progress: show a tqdm progress bar.
+    Returns:
+        the log as a DataFrame (also written to ``output_dir/preprocess_log.csv``): columns ``case``,
+        ``file``, ``status`` (ok / skipped / error), ``error``, ``seconds_<step>``, ``total_seconds``,
+        ``image``, ``brain_mask``, ``transforms``.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"{input_dir}: input folder does not exist.")
+    if skull_strip not in SKULL_STRIP_BACKENDS:
+        raise ValueError(f"unknown skull-stripping backend {skull_strip!r}; choose one of {SKULL_STRIP_BACKENDS}.")
+    if registration not in REGISTRATION_TRANSFORMS:
+        raise ValueError(f"unknown registration {registration!r}; choose one of {tuple(REGISTRATION_TRANSFORMS)}.")
+    if normalization not in NORMALIZATION_MODES:
+        raise ValueError(f"unknown normalisation {normalization!r}; choose one of {NORMALIZATION_MODES}.")
+    files = sorted(p for p in input_dir.glob(glob) if p.is_file() and not p.name.startswith("."))
+    if limit is not None:
+        files = files[: int(limit)]
+    for sub in ("images", "brain_masks", "transforms"):
+        (output_dir / sub).mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / LOG_NAME
+    pipeline: _CasePipeline | None = None  # built lazily: a fully finished cohort loads no model
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(files, desc="preprocess", unit="case", disable=not progress)
+    for path in bar:
+        case_id = case_id_of(path)
+        bar.set_postfix_str(case_id)
+        paths = case_outputs(output_dir, case_id)
+        row: dict[str, Any] = {"case": case_id, "file": str(path), "status": "ok", "error": ""}
+        if not overwrite and _is_done(paths):
+            row.update(status="skipped", image=str(paths["image"]), brain_mask=str(paths["brain_mask"]),
+                       transforms=str(paths["transforms"]))
+            rows.append(row)
+            _write_log(rows, log_path)
+            continue
+        work_dir = output_dir / "transforms" / f".{case_id}.partial"
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            if pipeline is None:
+                pipeline = _CasePipeline(work_dir.parent, skull_strip, registration, normalization, n4, device)
+            shutil.rmtree(work_dir, ignore_errors=True)
+            data = pipeline(path, case_id, work_dir, timings)
+            t0 = time.perf_counter()
+            save_volume(data["image"], paths["image"], dtype=np.float32)
+            save_volume(data["brain_mask"], paths["brain_mask"], dtype=np.uint8)
+            shutil.rmtree(paths["transforms"], ignore_errors=True)
+            os.replace(work_dir / case_id, paths["transforms"])
+            timings["save"] = time.perf_counter() - t0
+            row.update(image=str(paths["image"]), brain_mask=str(paths["brain_mask"]),
+                       transforms=str(paths["transforms"]))
+        except Exception as exc:  # one bad case must not stop the cohort
+            row.update(status="error", error=_error_message(path, exc))
+            tqdm.write(f"error: {row['error']}", file=sys.stderr)
+            if os.environ.get("MEDAD_DEBUG"):
+                traceback.print_exc()
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        row.update({f"seconds_{k}": round(v, 3) for k, v in timings.items()})
+        row["total_seconds"] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+        _write_log(rows, log_path)
+    return _write_log(rows, log_path)
+
+
+def write_montage(log: pd.DataFrame, png_path: str | os.PathLike, columns: int = 8) -> Path:
+    """PNG grid of mid-axial slices with brain-mask contours for every case with outputs in ``log``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    done = log[log["status"].isin(["ok", "skipped"])]
+    if done.empty:
+        raise ValueError("no processed case to show in the montage.")
+    n = len(done)
+    cols = min(columns, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.ravel(), done.iterrows()):
+        image = np.asarray(nib.load(row["image"]).dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(row["brain_mask"]).dataobj) > 0
+        z = image.shape[2] // 2
+        # RAS grid: transpose + origin="lower" gives anterior up, patient's right on the right (neurological).
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
+        ax.contour(mask[:, :, z].T.astype(float), levels=[0.5], colors="r", linewidths=0.6)
+        ax.set_title(str(row["case"])[:18], fontsize=7)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python scripts/preprocess_mri.py --input DIR --output DIR [options]``."""
+    parser = argparse.ArgumentParser(description="Preprocess a cohort of T1 brain MRI volumes to MNI152 2 mm.")
+    parser.add_argument("--input", required=True, help="folder of NIfTI volumes")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--skull-strip", default="deepbet", choices=SKULL_STRIP_BACKENDS)
+    parser.add_argument("--registration", default="affine", choices=tuple(REGISTRATION_TRANSFORMS))
+    parser.add_argument("--normalization", default="minmax", choices=NORMALIZATION_MODES)
+    parser.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    parser.add_argument("--glob", default="*.nii*", help="file pattern inside --input")
+    parser.add_argument("--limit", type=int, default=None, help="process at most N files")
+    parser.add_argument("--device", default="cpu", help="torch device for deepbet")
+    parser.add_argument("--montage", default=None, help="write a PNG montage of mid-axial slices here")
+    args = parser.parse_args(argv)
+    log = preprocess_cohort(args.input, args.output, skull_strip=args.skull_strip, registration=args.registration,
+                            normalization=args.normalization, n4=not args.no_n4, overwrite=args.overwrite,
+                            glob=args.glob, limit=args.limit, device=args.device)
+    counts = log["status"].value_counts().to_dict()
+    print(f"{len(log)} case(s): " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+          + f"; log: {Path(args.output) / LOG_NAME}")
+    if args.montage and not log[log["status"].isin(["ok", "skipped"])].empty:
+        print(f"montage: {write_montage(log, args.montage)}")
+    return 1 if (log["status"] == "error").any() else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

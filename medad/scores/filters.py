@@ -1,0 +1,78 @@
+"""Smoothing of anomaly maps: FAIR's mean filter and a Gaussian filter, 2D and 3D."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
+
+__all__ = ["mean_filter", "gaussian_filter_map"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _avg_pool(spatial_dims: int):
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"filters.py: maps must have 1 to 3 spatial dimensions, got {spatial_dims}.")
+    return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial_dims - 1]
+
+
+def mean_filter(anomaly_map: torch.Tensor, size: int = 21, padding_mode: str = "zeros") -> torch.Tensor:
+    """Box (mean) filter of every channel, output the same size as the input.
+
+    FAIR smooths its anomaly map with a 21x21 mean filter implemented as a zero-padded convolution
+    (``test.py``, ``mean_smoothing``), which lowers values within ``size // 2`` pixels of the border;
+    ``padding_mode="zeros"`` (default) reproduces it, ``"reflect"``/``"replicate"`` avoid the fall-off.
+
+    Args:
+        anomaly_map: ``(B, C, *spatial)``, 1D to 3D spatial.
+        size: odd kernel side in pixels.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+
+    Returns:
+        ``(B, C, *spatial)``.
+    """
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"filters.py: the mean filter size must be a positive odd number, got {size}.")
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"filters.py: unknown padding mode {padding_mode!r}; use one of {_PADDING_MODES}.")
+    spatial_dims = anomaly_map.ndim - 2
+    pool = _avg_pool(spatial_dims)
+    radius = size // 2
+    if size == 1:
+        return anomaly_map
+    if padding_mode == "zeros":
+        return pool(anomaly_map, size, stride=1, padding=radius, count_include_pad=True)
+    if padding_mode == "reflect" and any(s <= radius for s in anomaly_map.shape[2:]):
+        padding_mode = "replicate"  # reflect padding needs every side to exceed the radius
+    padded = F.pad(anomaly_map, [radius] * (2 * spatial_dims), mode=padding_mode)
+    return pool(padded, size, stride=1)
+
+
+def gaussian_filter_map(
+    anomaly_map: torch.Tensor, sigma: float, truncated: float = 4.0, padding_mode: str = "reflect"
+) -> torch.Tensor:
+    """Separable Gaussian smoothing of every channel (``sigma`` in pixels, kernel cut at ``truncated`` sigma).
+
+    Args:
+        anomaly_map: ``(B, C, *spatial)``, 1D to 3D spatial.
+        sigma: standard deviation in pixels (``<= 0`` returns the input).
+        truncated: kernel radius in units of sigma.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+
+    Returns:
+        ``(B, C, *spatial)`` with the input's dtype.
+    """
+    if sigma <= 0:
+        return anomaly_map
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"filters.py: unknown padding mode {padding_mode!r}; use one of {_PADDING_MODES}.")
+    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=truncated, approx="sampled", normalize=True)
+    kernel = kernel.to(device=anomaly_map.device, dtype=torch.float32)
+    radius = (kernel.numel() - 1) // 2
+    if padding_mode == "reflect" and any(s <= radius for s in anomaly_map.shape[2:]):
+        padding_mode = "replicate"
+    spatial_dims = anomaly_map.ndim - 2
+    smoothed = separable_filtering(anomaly_map.float(), [kernel] * spatial_dims, mode=padding_mode)
+    return smoothed.to(anomaly_map.dtype)

@@ -1,0 +1,262 @@
+"""Frequency-domain high-pass filters and image gradients: the inputs of FAIR (seed 002).
+
+FAIR restores an image from its high-frequency part: the grayscale image goes through
+``fft2 -> fftshift -> multiply by a high-pass transfer function H -> ifftshift -> ifft2 -> real``
+(paper eq. 5; official code ``liutongkun/FAIR``, ``data_loaderbhpf.py``). The paper's default is a
+second-order Butterworth high-pass filter (BHPF) with cutoff ``D0 = 30`` on 256x256 images;
+Gaussian (GHPF) and ideal (IHPF) high-pass filters and the Sobel gradients ``(Gx, Gy)`` are the
+ablations of its Tables 7 and 10.
+
+Distances ``D`` are measured on the *centred* frequency grid (DC at index ``N // 2`` of every
+axis, where ``torch.fft.fftshift`` puts it), in frequency-index units. Because FAIR's ``D0 = 30``
+was chosen for 256x256 images, every function here takes ``cutoff_reference_size`` (default 256):
+each axis' distance is rescaled by ``cutoff_reference_size / N_axis`` so the cutoff removes the
+same *fraction* of the spectrum at any size (``D0 = 30`` on 256^2 acts like ``D0 = 15`` on 128^2;
+on non-square images the pass band becomes an ellipse, exactly what resizing to 256^2 would give).
+Pass ``cutoff_reference_size=None`` to use raw frequency-index distances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from medad.scores.color import to_grayscale
+
+__all__ = [
+    "FILTER_KINDS",
+    "frequency_distance",
+    "butterworth_highpass_filter",
+    "gaussian_highpass_filter",
+    "ideal_highpass_filter",
+    "highpass_transfer_function",
+    "highpass",
+    "to_grayscale",
+    "sobel_gradients",
+    "HighPassd",
+    "SobelGradientsd",
+]
+
+FILTER_KINDS = ("butterworth", "gaussian", "ideal")
+
+def frequency_distance(
+    shape: Sequence[int],
+    cutoff_reference_size: int | None = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Distance of every frequency sample from the centre of the fftshift-ed spectrum.
+
+    Args:
+        shape: spatial shape ``(*spatial)`` of the image (2D or 3D).
+        cutoff_reference_size: if given, distances along an axis of length ``N`` are multiplied by
+            ``cutoff_reference_size / N`` (see the module docstring); ``None`` keeps index units.
+        device: device of the returned tensor.
+
+    Returns:
+        float32 tensor of shape ``shape``; 0 at the DC sample ``(N_0 // 2, N_1 // 2, ...)``.
+    """
+    squared = torch.zeros((), dtype=torch.float64, device=device)
+    for axis, size in enumerate(shape):
+        scale = 1.0 if cutoff_reference_size is None else cutoff_reference_size / size
+        coord = (torch.arange(size, dtype=torch.float64, device=device) - size // 2) * scale
+        view = [1] * len(shape)
+        view[axis] = size
+        squared = squared + coord.view(view) ** 2
+    return squared.sqrt().float()
+
+
+def butterworth_highpass_filter(
+    shape: Sequence[int], cutoff: float = 30.0, order: int = 2, cutoff_reference_size: int | None = 256
+) -> torch.Tensor:
+    """Butterworth high-pass transfer function ``H = 1 / (1 + (D0 / D)^(2n))`` (FAIR eq. 4).
+
+    ``H`` is defined as 0 at ``D = 0`` (the limit; FAIR's code adds ``1e-6`` to ``D`` instead).
+
+    Returns:
+        tensor of shape ``shape`` with values in ``[0, 1)``; ``H = 0.5`` where ``D = D0``.
+    """
+    distance = frequency_distance(shape, cutoff_reference_size)
+    ratio = cutoff / distance.clamp_min(torch.finfo(distance.dtype).tiny)
+    response = 1.0 / (1.0 + ratio ** (2 * order))
+    return torch.where(distance > 0, response, torch.zeros_like(response))
+
+
+def gaussian_highpass_filter(
+    shape: Sequence[int], cutoff: float = 30.0, cutoff_reference_size: int | None = 256
+) -> torch.Tensor:
+    """Gaussian high-pass transfer function ``H = 1 - exp(-D^2 / (2 D0^2))`` (FAIR eq. 3).
+
+    Returns:
+        tensor of shape ``shape``; ``H = 1 - exp(-1/2)`` where ``D = D0``.
+    """
+    distance = frequency_distance(shape, cutoff_reference_size)
+    return 1.0 - torch.exp(-(distance**2) / (2.0 * cutoff**2))
+
+
+def ideal_highpass_filter(
+    shape: Sequence[int], cutoff: float = 30.0, cutoff_reference_size: int | None = 256
+) -> torch.Tensor:
+    """Ideal high-pass transfer function: 0 for ``D <= D0``, 1 beyond (FAIR eq. 2).
+
+    Returns:
+        tensor of shape ``shape`` with values in ``{0, 1}``.
+    """
+    distance = frequency_distance(shape, cutoff_reference_size)
+    return (distance > cutoff).float()
+
+
+def highpass_transfer_function(
+    shape: Sequence[int],
+    kind: str = "butterworth",
+    cutoff: float = 30.0,
+    order: int = 2,
+    cutoff_reference_size: int | None = 256,
+) -> torch.Tensor:
+    """The transfer function of ``kind`` (one of :data:`FILTER_KINDS`) on the centred grid of ``shape``."""
+    if kind == "butterworth":
+        return butterworth_highpass_filter(shape, cutoff, order, cutoff_reference_size)
+    if kind == "gaussian":
+        return gaussian_highpass_filter(shape, cutoff, cutoff_reference_size)
+    if kind == "ideal":
+        return ideal_highpass_filter(shape, cutoff, cutoff_reference_size)
+    raise ValueError(f"frequency.py: unknown high-pass filter kind {kind!r}; use one of {FILTER_KINDS}.")
+
+
+def highpass(
+    image: torch.Tensor,
+    kind: str = "butterworth",
+    cutoff: float = 30.0,
+    order: int = 2,
+    cutoff_reference_size: int | None = 256,
+) -> torch.Tensor:
+    """High-pass filter every channel of a batch in the Fourier domain (FAIR eq. 5).
+
+    Args:
+        image: ``(B, C, *spatial)`` real tensor, 2D or 3D spatial.
+        kind: ``"butterworth"`` (default, order ``order``), ``"gaussian"`` or ``"ideal"``.
+        cutoff: ``D0`` in units of a ``cutoff_reference_size``-long axis (see module docstring).
+        order: Butterworth order ``n``.
+        cutoff_reference_size: image size for which ``cutoff`` is meant; ``None`` for raw units.
+
+    Returns:
+        ``(B, C, *spatial)`` real part of the filtered image, same dtype as ``image``.
+    """
+    if image.ndim < 3:
+        raise ValueError(f"frequency.py: highpass expects a (B, C, *spatial) tensor, got shape {tuple(image.shape)}.")
+    spatial = tuple(image.shape[2:])
+    dims = tuple(range(2, image.ndim))
+    transfer = highpass_transfer_function(spatial, kind, cutoff, order, cutoff_reference_size).to(image.device)
+    spectrum = torch.fft.fftshift(torch.fft.fftn(image.float(), dim=dims), dim=dims)
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * transfer, dim=dims), dim=dims)
+    return filtered.real.to(image.dtype)
+
+
+def sobel_gradients(image: torch.Tensor) -> torch.Tensor:
+    """3x3 Sobel derivatives of every channel, concatenated as ``(Gx, Gy)`` (FAIR's gradient ablation).
+
+    Matches OpenCV ``cv2.Sobel(img, CV_64F, 1, 0, ksize=3)`` / ``(0, 1)`` as used by FAIR: unnormalised
+    kernels (a ramp of slope 1 along x gives ``Gx = 8``) and reflect-101 borders.
+
+    Args:
+        image: ``(B, C, H, W)``.
+
+    Returns:
+        ``(B, 2C, H, W)``: the C ``Gx`` channels (derivative along W) then the C ``Gy`` channels.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"frequency.py: sobel_gradients expects (B, C, H, W), got shape {tuple(image.shape)}.")
+    channels = image.shape[1]
+    kernel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=image.dtype, device=image.device)
+    kernels = torch.stack([kernel_x, kernel_x.T])[:, None]  # (2, 1, 3, 3)
+    padded = F.pad(image, (1, 1, 1, 1), mode="reflect")
+    grads = [F.conv2d(padded, k[None].expand(channels, 1, 3, 3), groups=channels) for k in kernels]
+    return torch.cat(grads, dim=1)
+
+
+class HighPassd(MapTransform):
+    """Dictionary transform writing the high-pass filtered image under ``output_key`` (FAIR's network input).
+
+    Works on one channel-first sample ``(C, *spatial)`` as MONAI dictionary transforms do.
+
+    Args:
+        keys: the image key(s) to filter.
+        output_key: key the result is written to (default ``"highpass"``); with several keys the
+            outputs are written to ``f"{key}_{output_key}"``.
+        kind: ``"butterworth"``, ``"gaussian"`` or ``"ideal"``.
+        cutoff: ``D0`` (default 30, for a 256-long axis).
+        order: Butterworth order (default 2).
+        grayscale: convert RGB to gray first (FAIR does; default True).
+        cutoff_reference_size: see the module docstring (default 256).
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: str = "highpass",
+        kind: str = "butterworth",
+        cutoff: float = 30.0,
+        order: int = 2,
+        grayscale: bool = True,
+        cutoff_reference_size: int | None = 256,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if kind not in FILTER_KINDS:
+            raise ValueError(f"frequency.py: unknown high-pass filter kind {kind!r}; use one of {FILTER_KINDS}.")
+        self.output_key = output_key
+        self.kind = kind
+        self.cutoff = cutoff
+        self.order = order
+        self.grayscale = grayscale
+        self.cutoff_reference_size = cutoff_reference_size
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        for key in keys:
+            image = torch.as_tensor(d[key])[None].float()
+            if self.grayscale:
+                image = to_grayscale(image)
+            out_key = self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"
+            d[out_key] = highpass(image, self.kind, self.cutoff, self.order, self.cutoff_reference_size)[0]
+        return d
+
+
+class SobelGradientsd(MapTransform):
+    """Dictionary transform writing Sobel ``(Gx, Gy)`` of a 2D sample ``(C, H, W)`` under ``output_key``.
+
+    Args:
+        keys: the image key(s).
+        output_key: key the ``(2, H, W)`` (gray) or ``(2C, H, W)`` result is written to (default
+            ``"gradients"``; ``f"{key}_{output_key}"`` with several keys).
+        grayscale: convert RGB to gray first (FAIR does; default True).
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: str = "gradients",
+        grayscale: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_key = output_key
+        self.grayscale = grayscale
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        for key in keys:
+            image = torch.as_tensor(d[key])[None].float()
+            if self.grayscale:
+                image = to_grayscale(image)
+            out_key = self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"
+            d[out_key] = sobel_gradients(image)[0]
+        return d
+

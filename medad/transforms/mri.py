@@ -1,0 +1,751 @@
+"""Brain-MRI preprocessing as MONAI dictionary transforms.
+
+Representation: every volume in the data dictionary is a channel-first ``MetaTensor`` of shape
+``(1, X, Y, Z)`` whose ``affine`` maps voxel indices to RAS world millimetres (the NIfTI / nibabel /
+MONAI convention). ITK-based tools (SimpleITK, ANTsPy) use LPS world coordinates, so every
+conversion goes through :func:`metatensor_to_ants` / :func:`ants_to_metatensor` /
+:func:`metatensor_to_sitk`, which flip the first two world axes (``diag(-1, -1, 1)``); nothing else
+in this module touches ITK geometry.
+
+Pipeline (order used by :mod:`medad.preprocess`)::
+
+    load_volume -> ReorientToCanonicald -> N4BiasCorrectiond -> SkullStripd
+                -> RegisterToTemplated -> NormalizeIntensityInBraind
+
+The template is the MNI152 2009c (symmetric, ``tal_nlin_sym_09a``) T1 shipped inside nilearn,
+together with its brain mask; both load offline. That template is already skull-stripped, so
+registration is brain-to-brain (the skull-stripped image to ``template * brain_mask``), and the
+``"atlas"`` skull-stripping backend cannot register a head to a head template; it uses a
+morphological brain estimate to initialise a masked head-to-brain registration instead (see
+:func:`atlas_brain_mask`).
+
+Registration writes its transform files (ANTs ``0GenericAffine.mat``, and for SyN ``1Warp.nii.gz``
+/ ``1InverseWarp.nii.gz``) plus a ``registration.json`` record to disk, so that template-space
+anomaly maps can later be put back onto the original patient grid with
+:func:`apply_inverse_transform`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ants
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Orientation
+from scipy import ndimage
+
+__all__ = [
+    "SKULL_STRIP_BACKENDS",
+    "REGISTRATION_TRANSFORMS",
+    "NORMALIZATION_MODES",
+    "REGISTRATION_RECORD_NAME",
+    "load_volume",
+    "save_volume",
+    "load_mni152",
+    "metatensor_to_ants",
+    "ants_to_metatensor",
+    "metatensor_to_sitk",
+    "atlas_brain_mask",
+    "ReorientToCanonicald",
+    "N4BiasCorrectiond",
+    "SkullStripd",
+    "RegisterToTemplated",
+    "NormalizeIntensityInBraind",
+    "load_registration_record",
+    "apply_forward_transform",
+    "apply_inverse_transform",
+]
+
+SKULL_STRIP_BACKENDS: tuple[str, ...] = ("deepbet", "brainextractor", "atlas")
+REGISTRATION_TRANSFORMS: dict[str, str] = {"rigid": "Rigid", "affine": "Affine", "syn": "SyN"}
+NORMALIZATION_MODES: tuple[str, ...] = ("minmax", "zscore")
+REGISTRATION_RECORD_NAME = "registration.json"
+
+# RAS <-> LPS: ITK/ANTs world coordinates have x and y negated relative to NIfTI/nibabel.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# I/O and conversions
+# --------------------------------------------------------------------------------------------
+def load_volume(path: str | os.PathLike) -> MetaTensor:
+    """Read a 3D NIfTI file as a float32 ``MetaTensor`` of shape ``(1, X, Y, Z)`` (file grid).
+
+    A 4D file is accepted only when its 4th dimension has length 1. Raises ``ValueError`` with one
+    sentence naming the file and the problem otherwise (unreadable, wrong dimensionality, empty,
+    non-finite values).
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for corrupt/truncated files
+        raise ValueError(f"{path}: not a readable NIfTI volume ({type(exc).__name__}: {exc}).") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume but the file has shape {tuple(data.shape)}.")
+    if min(data.shape) < 2:
+        raise ValueError(f"{path}: volume of shape {tuple(data.shape)} is too small to process.")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{path}: the volume contains NaN or infinite intensities.")
+    if float(data.max()) <= float(data.min()):
+        raise ValueError(f"{path}: the volume is constant (every voxel equals {float(data.min())}).")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "spatial_shape": np.array(data.shape)}
+    return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(affine), meta=meta)
+
+
+def _as_numpy_3d(volume: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected a (1, X, Y, Z) or (X, Y, Z) volume, got shape {tuple(array.shape)}.")
+    return array
+
+
+def _affine_of(volume: torch.Tensor | np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
+    if affine is not None:
+        return np.asarray(affine, dtype=np.float64)
+    if isinstance(volume, MetaTensor):
+        return np.asarray(volume.affine.detach().cpu().numpy(), dtype=np.float64)
+    raise ValueError("the volume carries no affine: pass a MetaTensor or an explicit affine.")
+
+
+def save_volume(volume: torch.Tensor | np.ndarray, path: str | os.PathLike, affine: np.ndarray | None = None,
+                dtype: np.dtype | type = np.float32) -> Path:
+    """Write ``(1, X, Y, Z)`` or ``(X, Y, Z)`` data as NIfTI atomically (temporary file + ``os.replace``).
+
+    The affine comes from the ``MetaTensor`` unless given. Returns the written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(_as_numpy_3d(volume).astype(dtype), _affine_of(volume, affine))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def metatensor_to_ants(volume: torch.Tensor | np.ndarray, affine: np.ndarray | None = None) -> ants.ANTsImage:
+    """Convert a ``(1, X, Y, Z)`` volume with a RAS affine to a float32 ``ANTsImage`` (LPS geometry).
+
+    ANTs stores ``physical = origin + direction @ diag(spacing) @ index`` in LPS, so the LPS affine
+    ``diag(-1, -1, 1, 1) @ affine`` is split into spacing (column norms), direction (unit columns)
+    and origin (translation). Voxel order is unchanged (ANTsPy arrays are indexed ``[i, j, k]``).
+    """
+    array = np.ascontiguousarray(_as_numpy_3d(volume), dtype=np.float32)
+    lps = _RAS_TO_LPS @ _affine_of(volume, affine)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return ants.from_numpy(array, origin=tuple(float(v) for v in lps[:3, 3]),
+                           spacing=tuple(float(v) for v in spacing), direction=direction)
+
+
+def _ants_affine_ras(image: ants.ANTsImage) -> np.ndarray:
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.direction) @ np.diag(image.spacing)
+    lps[:3, 3] = image.origin
+    return _RAS_TO_LPS @ lps
+
+
+def ants_to_metatensor(image: ants.ANTsImage, dtype: torch.dtype = torch.float32) -> MetaTensor:
+    """Convert an ``ANTsImage`` (LPS geometry) to a ``(1, X, Y, Z)`` ``MetaTensor`` with a RAS affine."""
+    array = np.asarray(image.numpy())
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None].to(dtype),
+                      affine=torch.from_numpy(_ants_affine_ras(image)))
+
+
+def metatensor_to_sitk(volume: torch.Tensor | np.ndarray, affine: np.ndarray | None = None) -> sitk.Image:
+    """Convert a ``(1, X, Y, Z)`` volume with a RAS affine to a float32 SimpleITK image (LPS geometry).
+
+    SimpleITK arrays are indexed ``[z, y, x]``, hence the transpose.
+    """
+    array = np.ascontiguousarray(_as_numpy_3d(volume).transpose(2, 1, 0), dtype=np.float32)
+    lps = _RAS_TO_LPS @ _affine_of(volume, affine)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+    return image
+
+
+def _like(reference: torch.Tensor, array: np.ndarray, affine: np.ndarray | None = None,
+          dtype: torch.dtype = torch.float32) -> MetaTensor:
+    """A ``(1, X, Y, Z)`` MetaTensor holding ``array`` with the reference's meta (and affine unless given)."""
+    meta = dict(reference.meta) if isinstance(reference, MetaTensor) else {}
+    affine = _affine_of(reference) if affine is None else np.asarray(affine, dtype=np.float64)
+    meta["affine"] = torch.from_numpy(affine)
+    meta["spatial_shape"] = np.array(array.shape[-3:])
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None].to(dtype), meta=meta)
+
+
+@functools.lru_cache(maxsize=4)
+def _mni152_arrays(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from nilearn import datasets  # the 2009 template and its mask ship inside the nilearn wheel
+
+    template = datasets.load_mni152_template(resolution=resolution)
+    mask = datasets.load_mni152_brain_mask(resolution=resolution)
+    return (np.asarray(template.get_fdata(), dtype=np.float32), np.asarray(mask.get_fdata()) > 0,
+            np.asarray(template.affine, dtype=np.float64))
+
+
+def load_mni152(resolution: int = 2) -> tuple[MetaTensor, MetaTensor]:
+    """The nilearn MNI152 2009 T1 template (already skull-stripped) and its brain mask, offline.
+
+    Returns ``(template, brain_mask)``, each ``(1, X, Y, Z)`` with the template's RAS affine
+    (``(1, 99, 117, 95)`` at 2 mm). The template is multiplied by the mask so that nothing outside
+    the brain takes part in brain-to-brain registration.
+    """
+    template, mask, affine = _mni152_arrays(int(resolution))
+    t = MetaTensor(torch.from_numpy(template * mask)[None], affine=torch.from_numpy(affine.copy()))
+    m = MetaTensor(torch.from_numpy(mask.astype(np.float32))[None], affine=torch.from_numpy(affine.copy()))
+    return t, m
+
+
+def _load_template(template: str | os.PathLike, template_mask: str | os.PathLike | None,
+                   resolution: int) -> tuple[MetaTensor, MetaTensor]:
+    if str(template).lower() == "mni152":
+        return load_mni152(resolution)
+    image = load_volume(template)
+    if template_mask is None:
+        raise ValueError(f"{template}: a custom template needs its brain mask (template_mask=...).")
+    mask = load_volume(template_mask)
+    if tuple(mask.shape) != tuple(image.shape):
+        raise ValueError(f"{template_mask}: brain mask shape {tuple(mask.shape)} differs from the template's.")
+    binary = (mask > 0).float()
+    return _like(image, (image * binary)[0].numpy()), _like(image, binary[0].numpy())
+
+
+@contextlib.contextmanager
+def _ants_seed(seed: int | None) -> Iterator[None]:
+    # ANTs samples the mutual-information metric at random points; antspy only exposes the seed
+    # through its (module-private) config, which every `ants.registration` call appends as
+    # `--random-seed`. Set it temporarily so a case is reproducible (up to ITK threading).
+    previous = ants.config._random_seed
+    ants.config._random_seed = seed
+    try:
+        yield
+    finally:
+        ants.config._random_seed = previous
+
+
+def _ants_register(fixed: ants.ANTsImage, moving: ants.ANTsImage, type_of_transform: str, outprefix: str,
+                   seed: int | None, **kwargs: Any) -> dict[str, Any]:
+    with _ants_seed(seed):
+        return ants.registration(fixed, moving, type_of_transform=type_of_transform, outprefix=outprefix, **kwargs)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    total = a.sum() + b.sum()
+    return float(2.0 * (a & b).sum() / total) if total else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+class ReorientToCanonicald(MapTransform):
+    """Reorient volumes to canonical RAS (closest axis permutation/flip; no resampling).
+
+    Before reorienting, records the original file grid as ``d["native_affine"]`` (4x4 RAS affine)
+    and ``d["native_spatial_shape"]`` (3 ints), unless already present, so that
+    :func:`apply_inverse_transform` can put template-space maps back onto the original grid.
+
+    Args:
+        keys: keys of ``(1, X, Y, Z)`` MetaTensors to reorient; the first one defines the native grid.
+        allow_missing_keys: don't raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.orientation = Orientation(axcodes="RAS", labels=None)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if "native_affine" not in d:
+                d["native_affine"] = _affine_of(d[key]).copy()
+                d["native_spatial_shape"] = tuple(int(s) for s in d[key].shape[-3:])
+            d[key] = self.orientation(d[key])
+        return d
+
+
+class N4BiasCorrectiond(MapTransform):
+    """N4 bias-field correction (SimpleITK) fitted on a shrunk copy, applied at full resolution.
+
+    The bias field is smooth (B-spline mesh of a few control points over the head), so it is
+    estimated on the image shrunk by ``shrink_factor`` per axis inside an Otsu head mask, and the
+    full-resolution log-field from ``GetLogBiasFieldAsImage`` divides the original image
+    (the recipe of the SimpleITK N4 example). N4's cost grows with the voxel count; at 2 mm input a
+    factor 4 (8 mm samples) is ~10x faster than 2 and still resolves the field.
+
+    Args:
+        keys: keys of ``(1, X, Y, Z)`` MetaTensors to correct (non-negative intensities).
+        shrink_factor: integer shrink per axis for the fit. Default 4.
+        num_iterations: maximum iterations per fitting level (its length is the number of levels).
+        convergence_threshold: N4 convergence threshold. Default 1e-3.
+        allow_missing_keys: don't raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", shrink_factor: int = 4,
+                 num_iterations: Sequence[int] = (50, 50, 30), convergence_threshold: float = 1e-3,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(shrink_factor) < 1:
+            raise ValueError(f"shrink_factor must be >= 1, got {shrink_factor}.")
+        self.shrink_factor = int(shrink_factor)
+        self.num_iterations = [int(n) for n in num_iterations]
+        self.convergence_threshold = float(convergence_threshold)
+
+    def correct(self, volume: torch.Tensor) -> MetaTensor:
+        """Return the bias-corrected ``(1, X, Y, Z)`` volume (same grid and meta)."""
+        array = _as_numpy_3d(volume)
+        # N4 works on log intensities: shift so the minimum is 0 and add 1 to avoid log(0).
+        offset = float(array.min())
+        image = metatensor_to_sitk(array - offset + 1.0, _affine_of(volume))
+        shrink = [min(self.shrink_factor, max(1, s // 8)) for s in image.GetSize()]
+        small = sitk.Shrink(image, shrink)
+        head = sitk.OtsuThreshold(small, 0, 1, 200)
+        n4 = sitk.N4BiasFieldCorrectionImageFilter()
+        n4.SetMaximumNumberOfIterations(self.num_iterations)
+        n4.SetConvergenceThreshold(self.convergence_threshold)
+        n4.Execute(small, head)
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
+        # The field was fitted on (x - min + 1); dividing (x - min) keeps the background exactly at min.
+        corrected = (array - offset) / np.exp(log_field) + offset
+        return _like(volume, corrected.astype(np.float32))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.correct(d[key])
+        return d
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _crude_brain_estimate(head: np.ndarray, spacing: Sequence[float], opening_mm: float) -> np.ndarray:
+    """Otsu head mask opened by ``opening_mm`` (exact Euclidean distances): cuts scalp from brain."""
+    from skimage.filters import threshold_otsu
+
+    foreground = head > threshold_otsu(head)
+    eroded = ndimage.distance_transform_edt(foreground, sampling=spacing) > opening_mm
+    if not eroded.any():
+        return ndimage.binary_fill_holes(foreground)
+    core = _largest_component(eroded)
+    opened = ndimage.distance_transform_edt(~core, sampling=spacing) <= opening_mm
+    return ndimage.binary_fill_holes(opened & foreground)
+
+
+def atlas_brain_mask(head: MetaTensor, template: MetaTensor, template_mask: MetaTensor,
+                     opening_mm: float = 8.0, fixed_mask_dilation_mm: float = 4.0, refine: bool = True,
+                     seed: int | None = 42) -> np.ndarray:
+    """Brain mask of a T1 head by registration-based transfer of the template's brain mask.
+
+    The nilearn MNI152 template is skull-stripped, so registering the full head to it pulls the
+    brain outline onto the scalp (measured Dice ~0.57 with deepbet on IXI012). Instead:
+
+    1. a crude brain estimate (Otsu head mask opened by ``opening_mm``; ~0.89 Dice on IXI) masks
+       the head, which makes the moving image brain-like;
+    2. rigid + affine registration (``antsRegistrationSyNQuick[a]``) of that image to the brain
+       template, with the metric restricted to the template brain dilated by
+       ``fixed_mask_dilation_mm``;
+    3. optionally (``refine``) one more affine pass on the head masked by the transferred mask
+       dilated by 4 mm;
+    4. the template brain mask is pulled back through the inverse affine (linear, threshold 0.5).
+
+    Args:
+        head: ``(1, X, Y, Z)`` head MetaTensor (bias-corrected, RAS affine).
+        template: ``(1, X', Y', Z')`` skull-stripped template.
+        template_mask: its binary brain mask.
+    Returns:
+        boolean ``(X, Y, Z)`` brain mask on the head's grid.
+    """
+    import tempfile
+
+    array = _as_numpy_3d(head).astype(np.float32)
+    spacing = np.linalg.norm(_affine_of(head)[:3, :3], axis=0)
+    head_ants = metatensor_to_ants(head)
+    fixed = metatensor_to_ants(template)
+    t_mask = _as_numpy_3d(template_mask) > 0
+    t_spacing = np.linalg.norm(_affine_of(template_mask)[:3, :3], axis=0)
+    fixed_mask = ndimage.distance_transform_edt(~t_mask, sampling=t_spacing) <= fixed_mask_dilation_mm
+    fixed_mask_ants = metatensor_to_ants(fixed_mask.astype(np.float32), _affine_of(template_mask))
+    mask_ants = metatensor_to_ants(t_mask.astype(np.float32), _affine_of(template_mask))
+
+    def pull_back(transform: str) -> np.ndarray:
+        warped = ants.apply_transforms(head_ants, mask_ants, [transform], whichtoinvert=[True],
+                                       interpolator="linear")
+        return warped.numpy() > 0.5
+
+    with tempfile.TemporaryDirectory(prefix="medad_atlas_") as tmp:
+        crude = _crude_brain_estimate(array, spacing, opening_mm)
+        moving = metatensor_to_ants(array * crude, _affine_of(head))
+        reg = _ants_register(fixed, moving, "antsRegistrationSyNQuick[a]", f"{tmp}/a_", seed, mask=fixed_mask_ants)
+        brain = pull_back(reg["fwdtransforms"][0])
+        if refine:
+            near_brain = ndimage.distance_transform_edt(~brain, sampling=spacing) <= 4.0
+            moving = metatensor_to_ants(array * near_brain, _affine_of(head))
+            # The initial transform is collapsed into the output affine (antspy passes -z 1).
+            reg = _ants_register(fixed, moving, "Affine", f"{tmp}/b_", seed, mask=fixed_mask_ants,
+                                 initial_transform=reg["fwdtransforms"][0])
+            brain = pull_back(reg["fwdtransforms"][0])
+    return ndimage.binary_fill_holes(_largest_component(brain))
+
+
+class SkullStripd(MapTransform):
+    """Skull stripping: adds a binary brain mask ``d[mask_key]`` ``(1, X, Y, Z)`` and masks the image.
+
+    Backends:
+        - ``"deepbet"``: deepbet's CNN (Fisch et al. 2024); weights ship inside the wheel, so it
+          runs offline. The model is loaded once per transform instance (~4-10 s per 2 mm volume
+          on 2 CPU cores).
+        - ``"brainextractor"``: a Python re-implementation of FSL BET's surface deformation
+          (~30 s per 2 mm volume; the first call JIT-compiles with numba).
+        - ``"atlas"``: registration-based transfer of the template's brain mask with ANTsPy
+          (:func:`atlas_brain_mask`, ~8 s).
+
+    Args:
+        keys: image key(s); the first one is stripped and every listed key is multiplied by the mask.
+        backend: one of ``SKULL_STRIP_BACKENDS``. Default ``"deepbet"``.
+        mask_key: output key of the brain mask. Default ``"brain_mask"``.
+        apply_mask: zero the image(s) outside the brain. Default True.
+        threshold: deepbet probability threshold. Default 0.5.
+        device: torch device for deepbet (``"cpu"`` or ``"cuda"``). Default ``"cpu"``.
+        template, template_mask, resolution: template used by the ``"atlas"`` backend.
+        seed: ANTs random seed for the ``"atlas"`` backend.
+        allow_missing_keys: don't raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", backend: str = "deepbet", mask_key: str = "brain_mask",
+                 apply_mask: bool = True, threshold: float = 0.5, device: str = "cpu",
+                 template: str | os.PathLike = "mni152", template_mask: str | os.PathLike | None = None,
+                 resolution: int = 2, seed: int | None = 42, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if backend not in SKULL_STRIP_BACKENDS:
+            raise ValueError(f"unknown skull-stripping backend {backend!r}; choose one of {SKULL_STRIP_BACKENDS}.")
+        self.backend = backend
+        self.mask_key = mask_key
+        self.apply_mask = apply_mask
+        self.threshold = float(threshold)
+        self.device = device
+        self.template, self.template_mask, self.resolution = template, template_mask, int(resolution)
+        self.seed = seed
+        self._deepbet: Any = None
+
+    def _deepbet_model(self) -> Any:
+        if self._deepbet is None:
+            from deepbet import BrainExtraction
+
+            self._deepbet = BrainExtraction(no_gpu=not str(self.device).startswith("cuda"))
+        return self._deepbet
+
+    def brain_mask(self, image: MetaTensor) -> np.ndarray:
+        """Boolean ``(X, Y, Z)`` brain mask of a ``(1, X, Y, Z)`` head on its own grid."""
+        array = _as_numpy_3d(image).astype(np.float32)
+        affine = _affine_of(image)
+        if self.backend == "deepbet":
+            # deepbet reorients to canonical internally and returns the mask on the input grid.
+            _, mask, _ = self._deepbet_model().run(nib.Nifti1Image(array, affine), threshold=self.threshold)
+            return np.asarray(mask.dataobj) > 0
+        if self.backend == "brainextractor":
+            from brainextractor import BrainExtractor
+
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress unconditionally
+                extractor = BrainExtractor(nib.Nifti1Image(array.astype(np.float64), affine))
+                extractor.run()
+                return extractor.compute_mask() > 0
+        template, template_mask = _load_template(self.template, self.template_mask, self.resolution)
+        return atlas_brain_mask(image, template, template_mask, seed=self.seed)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        mask = self.brain_mask(d[keys[0]])
+        if not mask.any():
+            raise ValueError(f"skull stripping ({self.backend}) found no brain voxels.")
+        d[self.mask_key] = _like(d[keys[0]], mask.astype(np.float32))
+        if self.apply_mask:
+            for key in keys:
+                d[key] = d[key] * d[self.mask_key]
+        return d
+
+
+def _case_id(d: Mapping[Hashable, Any], key: Hashable) -> str:
+    if d.get("case_id"):
+        return str(d["case_id"])
+    filename = d[key].meta.get("filename_or_obj", "") if isinstance(d[key], MetaTensor) else ""
+    name = Path(str(filename)).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    if not name:
+        raise ValueError("RegisterToTemplated needs d['case_id'] or a file name in the image meta.")
+    return name
+
+
+class RegisterToTemplated(MapTransform):
+    """Register the (skull-stripped) image to a brain template with ANTsPy and resample onto its grid.
+
+    The first key is the moving image (registered to ``template * brain_mask``); every key is then
+    resampled onto the template grid (linear), and ``mask_key`` with nearest neighbour. Transform
+    files go to ``output_dir/<case_id>/`` (``case_id`` from ``d["case_id"]`` or the image file name)
+    with a ``registration.json`` record; the dictionary gains:
+
+        - ``"template_transforms"``: forward transform files (native -> template, ANTs order);
+        - ``"inverse_transforms"`` and ``"inverse_whichtoinvert"``: template -> native;
+        - ``"registration_record"``: path of the JSON record used by :func:`apply_inverse_transform`;
+        - ``"native_affine"`` / ``"native_spatial_shape"`` if not already recorded.
+
+    Args:
+        keys: image key(s); the first one drives the registration.
+        output_dir: folder receiving one sub-folder of transforms per case.
+        transform: ``"rigid"``, ``"affine"`` or ``"syn"`` (affine followed by SyN). Default ``"affine"``.
+        template: ``"mni152"`` (nilearn, offline) or a NIfTI path (needs ``template_mask``).
+        template_mask: brain mask of a custom template.
+        resolution: MNI152 resolution in mm (1 or 2). Default 2.
+        mask_key: key of the brain mask to resample (nearest neighbour). Default ``"brain_mask"``.
+        seed: ANTs random seed (metric sampling). Default 42.
+        allow_missing_keys: don't raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", output_dir: str | os.PathLike = "transforms",
+                 transform: str = "affine", template: str | os.PathLike = "mni152",
+                 template_mask: str | os.PathLike | None = None, resolution: int = 2,
+                 mask_key: str | None = "brain_mask", seed: int | None = 42, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if transform not in REGISTRATION_TRANSFORMS:
+            raise ValueError(f"unknown registration {transform!r}; choose one of {tuple(REGISTRATION_TRANSFORMS)}.")
+        self.output_dir = Path(output_dir)
+        self.transform = transform
+        self.template, self.template_mask, self.resolution = template, template_mask, int(resolution)
+        self.mask_key = mask_key
+        self.seed = seed
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        template, _ = _load_template(self.template, self.template_mask, self.resolution)
+        moving_tensor = d[keys[0]]
+        if "native_affine" not in d:
+            d["native_affine"] = _affine_of(moving_tensor).copy()
+            d["native_spatial_shape"] = tuple(int(s) for s in moving_tensor.shape[-3:])
+        case_dir = self.output_dir / _case_id(d, keys[0])
+        case_dir.mkdir(parents=True, exist_ok=True)
+        fixed = metatensor_to_ants(template)
+        reg = _ants_register(fixed, metatensor_to_ants(moving_tensor), REGISTRATION_TRANSFORMS[self.transform],
+                             f"{case_dir}{os.sep}", self.seed)
+        forward = [str(Path(p)) for p in reg["fwdtransforms"]]
+        inverse = [str(Path(p)) for p in reg["invtransforms"]]
+        # antspy's invtransforms list the affine first; it must be inverted, warps are already inverse.
+        which = [p.endswith(".mat") for p in inverse]
+        d["template_transforms"], d["inverse_transforms"], d["inverse_whichtoinvert"] = forward, inverse, which
+        for key in keys:
+            d[key] = self._to_template(d[key], fixed, forward, "linear", template)
+        if self.mask_key is not None and self.mask_key in d:
+            d[self.mask_key] = self._to_template(d[self.mask_key], fixed, forward, "nearestNeighbor", template)
+        record = {
+            "template": str(self.template), "template_mask": None if self.template_mask is None else str(self.template_mask),
+            "resolution": self.resolution, "transform": self.transform,
+            "template_affine": _affine_of(template).tolist(),
+            "template_spatial_shape": [int(s) for s in template.shape[-3:]],
+            "native_affine": np.asarray(d["native_affine"], dtype=np.float64).tolist(),
+            "native_spatial_shape": [int(s) for s in d["native_spatial_shape"]],
+            # Relative names: the case folder may be moved (atomic rename) after registration.
+            "template_transforms": [Path(p).name for p in forward],
+            "inverse_transforms": [Path(p).name for p in inverse],
+            "inverse_whichtoinvert": which,
+        }
+        record_path = case_dir / REGISTRATION_RECORD_NAME
+        record_path.write_text(json.dumps(record, indent=2))
+        d["registration_record"] = str(record_path)
+        return d
+
+    @staticmethod
+    def _to_template(volume: torch.Tensor, fixed: ants.ANTsImage, forward: list[str], interpolator: str,
+                     template: MetaTensor) -> MetaTensor:
+        warped = ants.apply_transforms(fixed, metatensor_to_ants(volume), forward, interpolator=interpolator)
+        return _like(volume, np.asarray(warped.numpy(), dtype=np.float32), affine=_affine_of(template))
+
+
+class NormalizeIntensityInBraind(MapTransform):
+    """Percentile clipping and scaling computed inside the brain; zero outside the brain.
+
+    With ``p_lo``, ``p_hi`` the ``lower``/``upper`` percentiles of the brain voxels, the image is
+    clipped to ``[p_lo, p_hi]`` and then mapped to ``(x - p_lo) / (p_hi - p_lo)`` in [0, 1]
+    (``"minmax"``) or to ``(x - mean) / std`` of the clipped brain voxels (``"zscore"``).
+
+    Args:
+        keys: keys of ``(1, *spatial)`` images.
+        mask_key: key of the brain mask (> 0 is brain). Default ``"brain_mask"``.
+        lower: lower percentile. Default 0.5.
+        upper: upper percentile. Default 99.5.
+        mode: ``"minmax"`` or ``"zscore"``. Default ``"minmax"``.
+        allow_missing_keys: don't raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", mask_key: str = "brain_mask", lower: float = 0.5,
+                 upper: float = 99.5, mode: str = "minmax", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if mode not in NORMALIZATION_MODES:
+            raise ValueError(f"unknown normalisation {mode!r}; choose one of {NORMALIZATION_MODES}.")
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}.")
+        self.mask_key, self.lower, self.upper, self.mode = mask_key, float(lower), float(upper), mode
+
+    def normalize(self, image: torch.Tensor, brain_mask: torch.Tensor) -> torch.Tensor:
+        """Normalise ``image`` ``(1, *spatial)`` with the brain mask of the same shape."""
+        brain = torch.as_tensor(brain_mask, device=image.device) > 0
+        if brain.shape != image.shape:
+            raise ValueError(f"brain mask shape {tuple(brain.shape)} differs from image shape {tuple(image.shape)}.")
+        if not bool(brain.any()):
+            raise ValueError("the brain mask is empty, cannot normalise intensities.")
+        values = image[brain].double()
+        low, high = torch.quantile(values, torch.tensor([self.lower, self.upper], dtype=torch.float64) / 100.0)
+        clipped = image.double().clamp(float(low), float(high))
+        if self.mode == "minmax":
+            scaled = (clipped - low) / (high - low) if high > low else torch.zeros_like(clipped)
+        else:
+            inside = clipped[brain]
+            std = inside.std()
+            scaled = (clipped - inside.mean()) / std if std > 0 else torch.zeros_like(clipped)
+        return (scaled * brain).to(torch.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.normalize(d[key], d[self.mask_key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Applying stored transforms
+# --------------------------------------------------------------------------------------------
+def load_registration_record(record: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """Read a ``registration.json`` (or accept a data dictionary) and resolve transform paths.
+
+    Accepts the path of the JSON file, the case's transform folder, or a dictionary produced by
+    :class:`RegisterToTemplated` (which carries ``"registration_record"``).
+    """
+    if isinstance(record, Mapping):
+        if "registration_record" in record:
+            return load_registration_record(record["registration_record"])
+        required = ("inverse_transforms", "native_affine", "native_spatial_shape")
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ValueError(f"registration record lacks {missing}; pass the registration.json path.")
+        return dict(record)
+    path = Path(record)
+    if path.is_dir():
+        path = path / REGISTRATION_RECORD_NAME
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable registration record ({exc}).") from exc
+    for key in ("template_transforms", "inverse_transforms"):
+        content[key] = [str(path.parent / name) for name in content[key]]
+    missing = [p for p in content["template_transforms"] + content["inverse_transforms"] if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"{path}: transform file(s) {missing} are missing.")
+    return content
+
+
+def _template_grid(rec: Mapping[str, Any]) -> ants.ANTsImage:
+    if "template_affine" in rec:
+        shape = tuple(int(s) for s in rec["template_spatial_shape"])
+        return metatensor_to_ants(np.zeros(shape, np.float32), np.asarray(rec["template_affine"]))
+    template, _ = _load_template(rec.get("template", "mni152"), rec.get("template_mask"), rec.get("resolution", 2))
+    return metatensor_to_ants(template)
+
+
+def _native_grid(rec: Mapping[str, Any]) -> ants.ANTsImage:
+    shape = tuple(int(s) for s in rec["native_spatial_shape"])
+    return metatensor_to_ants(np.zeros(shape, np.float32), np.asarray(rec["native_affine"], dtype=np.float64))
+
+
+def _as_volume(moving: MetaTensor | torch.Tensor | np.ndarray | str | os.PathLike,
+               default_grid: ants.ANTsImage) -> ants.ANTsImage:
+    if isinstance(moving, (str, os.PathLike)):
+        return metatensor_to_ants(load_volume(moving))
+    if isinstance(moving, MetaTensor):
+        return metatensor_to_ants(moving)
+    array = _as_numpy_3d(moving).astype(np.float32)
+    if tuple(array.shape) != tuple(default_grid.shape):
+        raise ValueError(f"array of shape {tuple(array.shape)} does not match the expected grid "
+                         f"{tuple(default_grid.shape)}; pass a MetaTensor or a NIfTI path instead.")
+    return metatensor_to_ants(array, _ants_affine_ras(default_grid))
+
+
+def _warp(moving: ants.ANTsImage, reference: ants.ANTsImage, transforms: list[str], which: list[bool],
+          interpolator: str) -> MetaTensor:
+    warped = ants.apply_transforms(reference, moving, transforms, whichtoinvert=which, interpolator=interpolator)
+    return ants_to_metatensor(warped)
+
+
+def apply_inverse_transform(moving: MetaTensor | torch.Tensor | np.ndarray | str | os.PathLike,
+                            record: Mapping[str, Any] | str | os.PathLike, interpolator: str = "linear",
+                            output_path: str | os.PathLike | None = None) -> MetaTensor:
+    """Map a template-space volume (e.g. an anomaly map) back onto the ORIGINAL native file grid.
+
+    Args:
+        moving: template-space volume: a NIfTI path, a ``MetaTensor`` (its affine is used), or an
+            array of the template grid's shape ``(1, X', Y', Z')`` / ``(X', Y', Z')``.
+        record: ``registration.json`` path, the case transform folder, or the data dictionary.
+        interpolator: ANTs interpolator (``"linear"``, ``"nearestNeighbor"``, ``"genericLabel"``, ...).
+        output_path: optional NIfTI path to write (atomically).
+    Returns:
+        ``(1, *native_spatial_shape)`` MetaTensor with the native (file) affine.
+    """
+    rec = load_registration_record(record)
+    out = _warp(_as_volume(moving, _template_grid(rec)), _native_grid(rec), list(rec["inverse_transforms"]),
+                [bool(w) for w in rec["inverse_whichtoinvert"]], interpolator)
+    if output_path is not None:
+        save_volume(out, output_path)
+    return out
+
+
+def apply_forward_transform(moving: MetaTensor | torch.Tensor | np.ndarray | str | os.PathLike,
+                            record: Mapping[str, Any] | str | os.PathLike, interpolator: str = "linear",
+                            output_path: str | os.PathLike | None = None) -> MetaTensor:
+    """Map a native-space volume (any grid with a correct affine, or an array on the original file
+    grid) onto the template grid with the stored forward transforms. Same arguments as
+    :func:`apply_inverse_transform`; returns ``(1, *template_spatial_shape)``.
+    """
+    rec = load_registration_record(record)
+    transforms = list(rec["template_transforms"])
+    out = _warp(_as_volume(moving, _native_grid(rec)), _template_grid(rec), transforms, [False] * len(transforms),
+                interpolator)
+    if output_path is not None:
+        save_volume(out, output_path)
+    return out

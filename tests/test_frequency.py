@@ -1,0 +1,114 @@
+"""Tests for medad.transforms.frequency: high-pass transfer functions, FFT filtering, Sobel gradients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medad.transforms.frequency import (
+    HighPassd,
+    SobelGradientsd,
+    butterworth_highpass_filter,
+    frequency_distance,
+    gaussian_highpass_filter,
+    highpass,
+    ideal_highpass_filter,
+    sobel_gradients,
+    to_grayscale,
+)
+
+
+def test_distance_is_zero_at_fftshift_centre_and_euclidean():
+    d = frequency_distance((64, 48), cutoff_reference_size=None)
+    assert d[32, 24] == 0
+    assert d[32 + 3, 24 + 4] == pytest.approx(5.0)
+    assert d[0, 0] == pytest.approx(math.hypot(32, 24))
+
+
+def test_butterworth_values_at_chosen_distances():
+    h = butterworth_highpass_filter((64, 64), cutoff=10, order=2, cutoff_reference_size=None)
+    assert h[32, 32] == 0  # defined as 0 at D = 0
+    assert h[32, 42] == pytest.approx(0.5)  # D = D0
+    assert h[32 + 6, 32 + 8] == pytest.approx(0.5)  # D = 10 off-axis
+    d = math.hypot(32, 32)
+    assert h[0, 0] == pytest.approx(1 / (1 + (10 / d) ** 4), rel=1e-5)
+    assert h[0, 0] > 0.99
+    h4 = butterworth_highpass_filter((64, 64), cutoff=10, order=4, cutoff_reference_size=None)
+    assert h4[32, 37] == pytest.approx(1 / (1 + 2.0**8), rel=1e-5)  # D = 5, order 4
+
+
+def test_butterworth_matches_fair_official_formula_on_256():
+    rows = cols = 256
+    y, x = np.ogrid[:rows, :cols]
+    dist = np.sqrt((x - cols // 2) ** 2 + (y - rows // 2) ** 2)
+    official = 1 / (1 + (30 / (dist + 1e-6)) ** 4)
+    ours = butterworth_highpass_filter((256, 256), cutoff=30, order=2).numpy()
+    np.testing.assert_allclose(ours, official, atol=1e-6)
+
+
+def test_cutoff_scales_with_reference_size():
+    h = butterworth_highpass_filter((128, 128), cutoff=30, order=2, cutoff_reference_size=256)
+    assert h[64, 64 + 15] == pytest.approx(0.5)  # 30 on a 256 grid is 15 on a 128 grid
+
+
+def test_gaussian_and_ideal():
+    g = gaussian_highpass_filter((64, 64), cutoff=8, cutoff_reference_size=None)
+    assert g[32, 40] == pytest.approx(1 - math.exp(-0.5), rel=1e-6)
+    assert g[32, 32] == 0
+    ideal = ideal_highpass_filter((64, 64), cutoff=8, cutoff_reference_size=None)
+    d = frequency_distance((64, 64), None)
+    assert torch.equal(ideal, (d > 8).float())
+    assert ideal[32, 40] == 0 and ideal[32, 41] == 1
+
+
+@pytest.mark.parametrize("kind", ["butterworth", "gaussian", "ideal"])
+def test_highpass_of_constant_is_zero(kind):
+    image = torch.full((2, 3, 32, 40), 0.7)
+    assert highpass(image, kind, cutoff=5).abs().max() < 1e-5
+    volume = torch.full((1, 1, 8, 16, 16), 2.0)
+    assert highpass(volume, kind, cutoff=5).abs().max() < 1e-5
+
+
+def test_highpass_scales_a_cosine_by_the_transfer_function():
+    n, k = 64, 10
+    x = torch.arange(n, dtype=torch.float64)
+    wave = torch.cos(2 * math.pi * k * x / n).expand(n, n)[None, None].float()
+    out = highpass(wave, "butterworth", cutoff=10, order=2, cutoff_reference_size=None)
+    torch.testing.assert_close(out, 0.5 * wave, atol=1e-5, rtol=0)
+    out = highpass(wave, "ideal", cutoff=12, cutoff_reference_size=None)
+    assert out.abs().max() < 1e-5
+
+
+def test_sobel_of_ramps():
+    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")
+    ramp_x = (3 * cols)[None, None]
+    grads = sobel_gradients(ramp_x)
+    assert grads.shape == (1, 2, 16, 20)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.allclose(grads[:, :1][inner], torch.tensor(24.0))  # 8 * slope, as cv2.Sobel
+    assert grads[:, 1:].abs().max() == 0
+    grads_y = sobel_gradients((2 * rows)[None, None])
+    assert torch.allclose(grads_y[:, 1:][inner], torch.tensor(16.0))
+    assert grads_y[:, :1].abs().max() == 0
+
+
+def test_grayscale_weights():
+    rgb = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    assert to_grayscale(rgb).item() == pytest.approx(0.299)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        to_grayscale(torch.zeros(1, 2, 4, 4))
+
+
+def test_dictionary_transforms():
+    sample = {"image": torch.rand(3, 32, 32)}
+    out = HighPassd("image", output_key="hp", cutoff=4)(sample)
+    assert out["hp"].shape == (1, 32, 32)
+    expected = highpass(to_grayscale(sample["image"][None]), "butterworth", 4)[0]
+    torch.testing.assert_close(out["hp"], expected)
+    out = SobelGradientsd("image")(sample)
+    assert out["gradients"].shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="unknown high-pass"):
+        HighPassd("image", kind="box")
