@@ -109,17 +109,27 @@ def verify_metadata(config: str | os.PathLike) -> None:
 
 
 def export(config: str | os.PathLike, ckpt_file: str | None = None, filepath: str | None = None, **override: Any) -> str:
-    """Export the trained network of a bundle to TorchScript with ``monai.bundle ckpt_export``."""
+    """Export the trained network of a bundle to TorchScript with ``monai.bundle ckpt_export``.
+
+    The calibrated thresholds (``calibration.json`` beside the checkpoint, written by the evaluator) are embedded
+    in the TorchScript file, so evaluating ``model.ts`` decides exactly like ``model.pt``.
+    """
     from monai.bundle import ckpt_export
+
+    from medad.engine.export import calibration_path
 
     bundle = _bundle_dir(config)
     filepath = filepath or str(bundle / "models" / "model.ts")
+    ckpt_file = ckpt_file or str(bundle / "models" / "model.pt")
+    configs = [str(bundle / "configs" / "inference.json")]
+    if calibration_path(ckpt_file).is_file():
+        configs.append(str(calibration_path(ckpt_file)))  # ckpt_export stores every config as an extra file
     ckpt_export(
         net_id="network_def",
         filepath=filepath,
-        ckpt_file=ckpt_file or str(bundle / "models" / "model.pt"),
+        ckpt_file=ckpt_file,
         meta_file=str(bundle / "configs" / "metadata.json"),
-        config_file=str(bundle / "configs" / "inference.json"),
+        config_file=configs,
         key_in_ckpt="network",
         bundle_root=str(bundle),
         **override,

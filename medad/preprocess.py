@@ -19,6 +19,7 @@ goes on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -46,7 +47,16 @@ from medad.transforms.mri import (
     save_volume,
 )
 
-__all__ = ["STEPS", "LOG_NAME", "case_id_of", "case_outputs", "preprocess_cohort", "write_montage", "main"]
+__all__ = [
+    "STEPS",
+    "LOG_NAME",
+    "LOG_COLUMNS",
+    "case_id_of",
+    "case_outputs",
+    "preprocess_cohort",
+    "write_montage",
+    "main",
+]
 
 STEPS: tuple[str, ...] = ("load", "reorient", "n4", "skull_strip", "register", "normalize", "save")
 LOG_NAME = "preprocess_log.csv"
@@ -77,12 +87,27 @@ def _is_done(paths: dict[str, Path]) -> bool:
     return all(paths[k].is_file() for k in ("image", "brain_mask", "record"))
 
 
-def _write_log(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
-    columns = ["case", "file", "status", "error", *[f"seconds_{s}" for s in STEPS], "total_seconds",
-               "image", "brain_mask", "transforms"]
-    frame = pd.DataFrame(rows, columns=columns)
+LOG_COLUMNS: tuple[str, ...] = ("case", "file", "status", "error", *[f"seconds_{s}" for s in STEPS],
+                                 "total_seconds", "cpu_seconds", "image", "brain_mask", "transforms")
+
+
+def _read_log(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=list(LOG_COLUMNS))
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return pd.DataFrame(columns=list(LOG_COLUMNS))  # an unreadable old log is rebuilt from this run
+
+
+def _write_log(rows: list[dict[str, Any]], previous: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Write ``previous`` rows of cases not in this run plus this run's rows (atomically); return this run's."""
+    frame = pd.DataFrame(rows, columns=list(LOG_COLUMNS))
+    kept = previous[~previous["case"].astype(str).isin(frame["case"])] if len(previous) else previous
+    merged = pd.concat([kept.reindex(columns=list(LOG_COLUMNS)), frame], ignore_index=True) if len(kept) else frame
+    merged = merged.sort_values("case", kind="stable")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
+    merged.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return frame
 
@@ -153,9 +178,11 @@ def preprocess_cohort(
         device: torch device for deepbet.
         progress: show a tqdm progress bar.
     Returns:
-        the log as a DataFrame (also written to ``output_dir/preprocess_log.csv``): columns ``case``,
-        ``file``, ``status`` (ok / skipped / error), ``error``, ``seconds_<step>``, ``total_seconds``,
-        ``image``, ``brain_mask``, ``transforms``.
+        this run's log, one row per file: columns ``case``, ``file``, ``status`` (ok / skipped /
+        error), ``error``, ``seconds_<step>`` and ``total_seconds`` (wall clock), ``cpu_seconds``
+        (CPU time of all threads), ``image``, ``brain_mask``, ``transforms``.
+        ``output_dir/preprocess_log.csv`` holds these rows merged with the rows of earlier runs for
+        cases not in this run; a skipped case keeps the timings of the run that produced its outputs.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
@@ -166,12 +193,17 @@ def preprocess_cohort(
         raise ValueError(f"unknown registration {registration!r}; choose one of {tuple(REGISTRATION_TRANSFORMS)}.")
     if normalization not in NORMALIZATION_MODES:
         raise ValueError(f"unknown normalisation {normalization!r}; choose one of {NORMALIZATION_MODES}.")
+    backend_module = {"deepbet": "deepbet", "brainextractor": "brainextractor"}.get(skull_strip)
+    if backend_module is not None and importlib.util.find_spec(backend_module) is None:
+        raise ImportError(f"skull-stripping backend {skull_strip!r} needs `pip install {backend_module}`.")
     files = sorted(p for p in input_dir.glob(glob) if p.is_file() and not p.name.startswith("."))
     if limit is not None:
         files = files[: int(limit)]
     for sub in ("images", "brain_masks", "transforms"):
         (output_dir / sub).mkdir(parents=True, exist_ok=True)
     log_path = output_dir / LOG_NAME
+    previous = _read_log(log_path)
+    previous_rows = {str(r["case"]): r for r in previous.to_dict("records")} if len(previous) else {}
     pipeline: _CasePipeline | None = None  # built lazily: a fully finished cohort loads no model
     rows: list[dict[str, Any]] = []
     bar = tqdm(files, desc="preprocess", unit="case", disable=not progress)
@@ -181,14 +213,17 @@ def preprocess_cohort(
         paths = case_outputs(output_dir, case_id)
         row: dict[str, Any] = {"case": case_id, "file": str(path), "status": "ok", "error": ""}
         if not overwrite and _is_done(paths):
+            # Keep the timings of the run that produced the outputs; only the status changes.
+            earlier = previous_rows.get(case_id, {})
+            row.update({k: v for k, v in earlier.items() if k.startswith(("seconds_", "total_", "cpu_"))})
             row.update(status="skipped", image=str(paths["image"]), brain_mask=str(paths["brain_mask"]),
                        transforms=str(paths["transforms"]))
             rows.append(row)
-            _write_log(rows, log_path)
+            _write_log(rows, previous, log_path)
             continue
         work_dir = output_dir / "transforms" / f".{case_id}.partial"
         timings: dict[str, float] = {}
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             if pipeline is None:
                 pipeline = _CasePipeline(work_dir.parent, skull_strip, registration, normalization, n4, device)
@@ -211,9 +246,12 @@ def preprocess_cohort(
             shutil.rmtree(work_dir, ignore_errors=True)
         row.update({f"seconds_{k}": round(v, 3) for k, v in timings.items()})
         row["total_seconds"] = round(time.perf_counter() - start, 3)
+        # CPU time of all threads of this process: a load-independent cost (wall time on an
+        # otherwise idle machine is at most this plus I/O).
+        row["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
         rows.append(row)
-        _write_log(rows, log_path)
-    return _write_log(rows, log_path)
+        _write_log(rows, previous, log_path)
+    return _write_log(rows, previous, log_path)
 
 
 def write_montage(log: pd.DataFrame, png_path: str | os.PathLike, columns: int = 8) -> Path:
@@ -272,8 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = log["status"].value_counts().to_dict()
     print(f"{len(log)} case(s): " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + f"; log: {Path(args.output) / LOG_NAME}")
-    if args.montage and not log[log["status"].isin(["ok", "skipped"])].empty:
-        print(f"montage: {write_montage(log, args.montage)}")
+    if args.montage:
+        cohort_log = _read_log(Path(args.output) / LOG_NAME)  # every processed case, not only this run's
+        if cohort_log["status"].isin(["ok", "skipped"]).any():
+            print(f"montage: {write_montage(cohort_log, args.montage)}")
     return 1 if (log["status"] == "error").any() else 0
 
 

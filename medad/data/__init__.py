@@ -10,6 +10,7 @@ from medad.data.nifti import (
     nifti_stem,
     volume_transforms,
 )
+from medad.data.validation import CheckInputd, InvalidInputError, LoadInputd, clear_input_errors, input_error
 from medad.data.transforms import (
     DropNoneKeysd,
     EnsureMaskd,
@@ -23,6 +24,11 @@ from medad.data.transforms import (
 
 __all__ = [
     "BRAIN_MASK_SUFFIXES",
+    "CheckInputd",
+    "InvalidInputError",
+    "LoadInputd",
+    "clear_input_errors",
+    "input_error",
     "DEMO_DEFECTS",
     "IMAGE_EXTENSIONS",
     "MARKER_NAME",

@@ -25,13 +25,13 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     Orientationd,
     Spacingd,
 )
 
 from medad.data.transforms import DropNoneKeysd, EnsureMaskd
+from medad.data.validation import CheckInputd, LoadInputd
 
 __all__ = [
     "MASK_SUFFIXES",
@@ -229,8 +229,9 @@ def volume_transforms(
     keys = [image_key, mask_key, brain_mask_key]
     transforms: list = [
         DropNoneKeysd([mask_key, brain_mask_key]),
-        LoadImaged(keys, reader=NibabelReader(), image_only=True, allow_missing_keys=True),
+        LoadInputd(keys, reader=NibabelReader(), image_only=True, allow_missing_keys=True),
         EnsureChannelFirstd(keys, allow_missing_keys=True),
+        CheckInputd(image_key, spatial_dims=3, mask_keys=[mask_key, brain_mask_key], anomaly_mask_key=mask_key),
         # Labels given explicitly: MONAI 1.6 warns that their default will change.
         Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
     ]

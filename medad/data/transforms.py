@@ -18,7 +18,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     RandFlipd,
     RandRotate90d,
@@ -37,6 +36,8 @@ __all__ = [
     "image_reader",
     "image_transforms",
 ]
+
+from medad.data.validation import CheckInputd, LoadInputd
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") uses, so gray images match PIL's.
 _LUMA = (0.299, 0.587, 0.114)
@@ -271,8 +272,9 @@ def image_transforms(
     keys = [image_key, mask_key]
     transforms: list = [
         DropNoneKeysd(mask_key),
-        LoadImaged(keys, reader=image_reader(), dtype=None, image_only=True, allow_missing_keys=True),
+        LoadInputd(keys, reader=image_reader(), dtype=None, image_only=True, allow_missing_keys=True),
         EnsureChannelFirstd(keys, allow_missing_keys=True),
+        CheckInputd(image_key, spatial_dims=2, mask_keys=[mask_key], anomaly_mask_key=mask_key),
         ScaleIntensityByDtyped(image_key),
         ToChannelsd(image_key, channels),
         EnsureMaskd(mask_key, reference_key=image_key),

@@ -396,6 +396,7 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Restore images by partial diffusion: start at ``t_start`` and take strided reverse steps to x_0.
 
@@ -410,6 +411,8 @@ class GaussianDiffusion:
             clip_denoised: clamp x̂_0 to [-1, 1] at each step.
             generator: random generator for the start noise and the step noises.
             return_trajectory: keep ``x_ts`` and ``pred_x0s`` (one per network evaluation); otherwise empty lists.
+            noise_fn: ``x_t -> noise`` of the shape of ``x_t`` for every reverse step; default standard normal
+                (AnoDDPM draws simplex noise here when it detects with simplex noise).
 
         Returns:
             dict with ``restoration`` ``(B, C, *spatial)``, ``pred_x0s``, ``x_ts``, ``timesteps`` (list of ints)
@@ -427,7 +430,8 @@ class GaussianDiffusion:
             previous = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             t = torch.full((batch,), step, dtype=torch.long, device=device)
             t_prev = torch.full((batch,), previous, dtype=torch.long, device=device)
-            out = self.p_sample(network(x, t), x, t, t_prev, clip_denoised=clip_denoised, generator=generator)
+            noise = noise_fn(x) if noise_fn is not None else None
+            out = self.p_sample(network(x, t), x, t, t_prev, noise=noise, clip_denoised=clip_denoised, generator=generator)
             if return_trajectory:
                 x_ts.append(x)
                 pred_x0s.append(out["pred_x0"])

@@ -1,9 +1,11 @@
 """Training loop, evaluator, checkpoints, data builders and DDP helpers shared by every bundle."""
 
-from .builders import image_loaders, optimizer
+from .builders import image_folder_loader, image_loaders, optimizer, slice_training_transforms, volume_loaders
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
-from .distributed import init_distributed, is_distributed, is_main_process, unwrap
+from .distributed import all_reduce_mean, barrier, init_distributed, is_distributed, is_main_process, unwrap
 from .evaluator import AnomalyEvaluator, calibrate_thresholds
+from .export import export_torchscript, load_torchscript, read_calibration, weights_fingerprint
+from .grids import to_image_size, to_input_grid, to_native_space
 from .steps import DiffusionStep
 from .trainer import Trainer, warmup_cosine_schedule
 
@@ -12,8 +14,20 @@ __all__ = [
     "CheckpointMismatchError",
     "DiffusionStep",
     "Trainer",
+    "all_reduce_mean",
+    "barrier",
     "calibrate_thresholds",
+    "export_torchscript",
+    "load_torchscript",
+    "read_calibration",
+    "to_image_size",
+    "to_input_grid",
+    "to_native_space",
+    "weights_fingerprint",
+    "image_folder_loader",
     "image_loaders",
+    "slice_training_transforms",
+    "volume_loaders",
     "init_distributed",
     "is_distributed",
     "is_main_process",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from monai.data import DataLoader, Dataset
 
-from .distributed import is_distributed
+from .distributed import is_distributed, main_process_first
 
 __all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "optimizer"]
 
@@ -69,7 +69,8 @@ def image_loaders(
     if dataset_dir is None:
         if demo_dir is None:
             raise ValueError("either dataset_dir or demo_dir must be given.")
-        root = data.make_demo_mvtec(Path(demo_dir), **(demo_kwargs or {}))
+        with main_process_first():  # under DDP rank 0 writes the demo data once, the others read it
+            root = data.make_demo_mvtec(Path(demo_dir), **(demo_kwargs or {}))
         category = None
     else:
         root = Path(dataset_dir)
@@ -187,7 +188,8 @@ def volume_loaders(
     if dataset_dir is None:
         if demo_dir is None:
             raise ValueError("either dataset_dir or demo_dir must be given.")
-        root = data.make_demo_mri(Path(demo_dir), **(demo_kwargs or {}))
+        with main_process_first():  # under DDP rank 0 writes the demo data once, the others read it
+            root = data.make_demo_mri(Path(demo_dir), **(demo_kwargs or {}))
         dataset_dir, test_dir = root / "train", root / "test"
         test_mask_dir, brain_mask_dir = root / "test_masks", root / "brain_masks"
     train_list = data.nifti_datalist(dataset_dir, brain_mask_dir=brain_mask_dir)

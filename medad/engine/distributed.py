@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "init_distributed", "unwrap", "barrier"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "init_distributed",
+    "unwrap",
+    "barrier",
+    "all_reduce_mean",
+    "main_process_first",
+]
 
 
 def is_distributed() -> bool:
@@ -51,3 +63,32 @@ def init_distributed(backend: str | None = None) -> torch.device:
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     """The bare network inside a DistributedDataParallel / DataParallel wrapper."""
     return network.module if hasattr(network, "module") else network
+
+
+def all_reduce_mean(values: dict[str, float], device: str | torch.device = "cpu") -> dict[str, float]:
+    """Average scalars over the ranks (unchanged without DDP); every rank must call it with the same keys."""
+    if not is_distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    # gloo reduces CPU tensors, nccl CUDA tensors
+    device = torch.device(device) if dist.get_backend() != "gloo" else torch.device("cpu")
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    tensor /= world_size()
+    reduced = dict(zip(keys, tensor.tolist()))
+    return {k: float(reduced[k]) for k in values}  # the caller's column order
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. writes the demo data), the other ranks then find its result.
+
+    Every rank must enter the block; without DDP it is a plain block.
+    """
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()

@@ -19,14 +19,21 @@ import torch
 from tqdm.auto import tqdm
 
 from medad import metrics
+from medad.data.validation import clear_input_errors
 from medad.inferers.base import CountingNetwork
 
-from .checkpoint import load_checkpoint, load_network_weights, save_checkpoint
+from . import export, grids
+from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import is_main_process, unwrap
 
 __all__ = ["AnomalyEvaluator", "calibrate_thresholds"]
 
 logger = logging.getLogger("medad.evaluate")
+
+# Per-case meta data kept for writing results on the input's grid.
+_META_KEYS = ("filename_or_obj", "affine", "pixdim", "original_affine", "spatial_shape", "height", "width")
+# Per-case datalist entries for native-space output (preprocessed MRI).
+_NATIVE_KEYS = ("registration_record", "native_image")
 
 
 def _case_ids(batch: Mapping[str, Any], count: int, offset: int) -> list[str]:
@@ -82,7 +89,10 @@ class AnomalyEvaluator:
         output_dir: where ``metrics.json``, ``cases.csv/.parquet``, maps and overlays go.
         image_score: ``(B, 1, *spatial) map -> (B,) score`` (e.g. :class:`medad.scores.PooledMaxScore`).
         device: inference device.
-        checkpoint_path: weights (and calibration) to load first; calibration is written back into it.
+        checkpoint_path: weights (and calibration) to load first; calibration is written back into it and into
+            ``calibration.json`` beside it (:mod:`medad.engine.export`). A TorchScript file (``model.ts`` from
+            ``ckpt_export``) is evaluated as it is: the scripted network replaces ``network`` (which may be None)
+            and the calibration embedded in it is used.
         bundle: bundle name, checked against the checkpoint.
         calibration_loader: normal-only validation batches for thresholds (skipped when the checkpoint has them).
         image_fpr / pixel_fpr: false-positive rates of the calibrated thresholds.
@@ -91,11 +101,19 @@ class AnomalyEvaluator:
         num_overlays: PNG overlays for the first cases of each label.
         fpr_limit: AUPRO integration limit.
         progress: tqdm bar.
+        registration_dir: preprocessing transforms folder (``<dir>/<case_id>/registration.json``, as written by
+            ``medad preprocess``); a case with a record (there, or in its datalist item's ``registration_record``)
+            also gets its map and segmentation in the patient's native space (``<case>_native_*``, on the grid of
+            its item's ``native_image`` when given, else the recorded native grid).
+        input_grid: write maps on the INPUT file's grid (3D: shape and affine of the file, undoing the loaders'
+            reorientation / resampling; 2D: the picture's size). False writes them on the loaded grid.
+
+    Written maps are on the input's grid; metrics are computed on the loaded grid (where the model works).
     """
 
     def __init__(
         self,
-        network: torch.nn.Module,
+        network: torch.nn.Module | None,
         inferer: Callable[..., dict[str, torch.Tensor]],
         test_loader: Iterable[Mapping[str, Any]],
         output_dir: str | os.PathLike,
@@ -111,6 +129,8 @@ class AnomalyEvaluator:
         num_overlays: int = 4,
         fpr_limit: float = 0.3,
         progress: bool = True,
+        registration_dir: str | os.PathLike | None = None,
+        input_grid: bool = True,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -128,13 +148,28 @@ class AnomalyEvaluator:
         self.num_overlays = num_overlays
         self.fpr_limit = fpr_limit
         self.progress = progress
+        self.registration_dir = registration_dir
+        self.input_grid = input_grid
         self.calibration: dict[str, float] | None = None
 
     # -- model -------------------------------------------------------------------------------------
     def load(self) -> None:
         """Load weights and any stored calibration from ``checkpoint_path``."""
         if self.checkpoint_path is None:
+            if self.network is None:
+                raise ValueError("AnomalyEvaluator needs a network or a checkpoint_path to a TorchScript model.")
             return
+        if self.checkpoint_path.is_file() and export.is_torchscript(self.checkpoint_path):
+            module, info = export.load_torchscript(self.checkpoint_path, self.device)
+            saved = info.get("bundle")
+            if self.bundle is not None and saved is not None and saved != self.bundle:
+                raise CheckpointMismatchError(
+                    f"{self.checkpoint_path}: this model was exported by bundle '{saved}', not '{self.bundle}'."
+                )
+            self.network, self.calibration = module, info.get("calibration")
+            return
+        if self.network is None:
+            raise ValueError(f"{self.checkpoint_path}: a network is needed to load a checkpoint that is not TorchScript.")
         state = load_network_weights(unwrap(self.network), self.checkpoint_path, self.bundle, self.device)
         self.calibration = state.get("calibration")
 
@@ -142,10 +177,12 @@ class AnomalyEvaluator:
     def infer(self, loader: Iterable[Mapping[str, Any]], desc: str) -> dict[str, Any]:
         """Maps, scores and bookkeeping for every case of ``loader``."""
         network = CountingNetwork(unwrap(self.network).to(self.device).eval())
-        cases: dict[str, list[Any]] = {k: [] for k in ("case_id", "map", "mask", "region", "label", "score", "image", "restoration", "meta", "seconds")}
+        cases: dict[str, list[Any]] = {k: [] for k in ("case_id", "map", "mask", "region", "label", "score", "image", "restoration", "meta", "native", "seconds")}
         seconds = 0.0
-        for batch in tqdm(loader, desc=desc, disable=not (self.progress and is_main_process())):
-            images = batch["image"].to(self.device)
+        for batch in tqdm(clear_input_errors(loader), desc=desc, disable=not (self.progress and is_main_process())):
+            # a plain tensor for the network (MetaTensor ops also update meta data, slowly); meta is read below
+            image = batch["image"]
+            images = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(self.device)
             start = time.perf_counter()
             out = self.inferer(images, network)
             scores = self.image_score(out["anomaly_map"]).reshape(-1)
@@ -165,7 +202,13 @@ class AnomalyEvaluator:
                 cases["image"].append(images[i].float().cpu().numpy())
                 cases["restoration"].append(out["restoration"][i].float().cpu().numpy())
                 meta = getattr(batch["image"], "meta", None) or {}
-                cases["meta"].append({k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == count else v) for k, v in meta.items() if k in ("filename_or_obj", "affine", "pixdim", "original_affine", "spatial_shape")})
+                cases["meta"].append({k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == count else v) for k, v in meta.items() if k in _META_KEYS})
+                raw_id = batch["case_id"][i] if isinstance(batch.get("case_id"), (list, tuple)) else None
+                native = {"case_id": raw_id}
+                for key in _NATIVE_KEYS:
+                    value = batch.get(key)
+                    native[key] = value[i] if isinstance(value, (list, tuple)) and len(value) == count else None
+                cases["native"].append(native)
                 cases["seconds"].append(elapsed / count)
         num_cases = max(1, len(cases["case_id"]))
         cases["timing"] = {
@@ -185,10 +228,14 @@ class AnomalyEvaluator:
             np.asarray(cases["score"]), cases["map"], self.image_fpr, self.pixel_fpr,
             cases["region"] if self.region_key else None,
         )
-        if self.checkpoint_path is not None and self.checkpoint_path.is_file() and is_main_process():
+        if (self.checkpoint_path is not None and self.checkpoint_path.is_file() and is_main_process()
+                and not export.is_torchscript(self.checkpoint_path)):
             state = load_checkpoint(self.checkpoint_path)
             state["calibration"] = self.calibration
             save_checkpoint(self.checkpoint_path, state)
+            # The same thresholds beside the checkpoint, for ckpt_export to embed in TorchScript.
+            fingerprint = export.weights_fingerprint(unwrap(self.network).state_dict())
+            export.write_calibration_file(self.checkpoint_path, self.calibration, self.bundle, fingerprint)
         return self.calibration
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -223,6 +270,9 @@ class AnomalyEvaluator:
         pixel_threshold = self.calibration["pixel_threshold"] if self.calibration else None
         image_threshold = self.calibration["image_threshold"] if self.calibration else None
         maps_dir, overlay_dir = self.output_dir / "maps", self.output_dir / "overlays"
+        if self.write_maps and pixel_threshold is not None:
+            # colours of the label maps (<case>_seg.nii.gz) in Slicer; the .seg.nrrd files carry their own
+            io.write_color_table(maps_dir / "anomaly.ctbl", [io.ANOMALY_SEGMENT])
         overlays_written: dict[Any, int] = {}
         records = []
         for i, case_id in enumerate(cases["case_id"]):
@@ -238,16 +288,17 @@ class AnomalyEvaluator:
             }
             if pixel_threshold is not None:
                 record["anomaly_mask"] = anomaly_map >= pixel_threshold
+            if mask is not None and mask.any():
+                # per-case AP and best-possible Dice inside the region (brain voxels), the UPD/DISYRE protocol
+                region = cases["region"][i] if self.region_key else None
+                row = metrics.per_case_metrics([anomaly_map], [mask], region=None if region is None else [region])[0]
+                record.update({k: row[k] for k in ("ap", "best_dice", "best_dice_threshold")})
             meta = cases["meta"][i]
             if anomaly_map.ndim == 3:
                 spacing = meta.get("pixdim")
                 record["voxel_spacing"] = [float(s) for s in np.asarray(spacing)[1:4]] if spacing is not None else [1.0, 1.0, 1.0]
             if self.write_maps:
-                if anomaly_map.ndim == 2:
-                    io.write_image_case(case_id, anomaly_map, maps_dir, pixel_threshold)
-                else:
-                    affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
-                    io.write_volume_case(case_id, anomaly_map, (affine, anomaly_map.shape), maps_dir, pixel_threshold)
+                self._write_maps(case_id, anomaly_map, meta, cases["native"][i], maps_dir, pixel_threshold)
             key = cases["label"][i]
             if overlays_written.get(key, 0) < self.num_overlays:
                 overlays_written[key] = overlays_written.get(key, 0) + 1
@@ -259,6 +310,36 @@ class AnomalyEvaluator:
                                                mask=mask, restoration=cases["restoration"][i][0])
             records.append(record)
         return records
+
+    def _write_maps(self, case_id: str, anomaly_map: np.ndarray, meta: Mapping[str, Any], native: Mapping[str, Any],
+                    maps_dir: Path, pixel_threshold: float | None) -> None:
+        """The case's map and segmentation files on the input's grid (and in native space when recorded)."""
+        from medad import io
+
+        if anomaly_map.ndim == 2:
+            if self.input_grid and meta.get("height") is not None and meta.get("width") is not None:
+                anomaly_map = grids.to_image_size(anomaly_map, (int(meta["height"]), int(meta["width"])))
+            io.write_image_case(case_id, anomaly_map, maps_dir, pixel_threshold)
+            return
+        affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+        reference: Any = (affine, anomaly_map.shape)
+        written = anomaly_map
+        if self.input_grid and meta.get("original_affine") is not None and meta.get("spatial_shape") is not None:
+            input_affine = np.asarray(meta["original_affine"], dtype=np.float64)
+            input_shape = tuple(int(s) for s in np.asarray(meta["spatial_shape"]).ravel()[:3])
+            written = grids.to_input_grid(anomaly_map, affine, input_affine, input_shape)
+            source = str(meta.get("filename_or_obj") or "")
+            is_nifti = source.endswith((".nii", ".nii.gz")) and os.path.isfile(source)
+            reference = source if is_nifti else (input_affine, input_shape)
+        io.write_volume_case(case_id, written, reference, maps_dir, pixel_threshold)
+        record = grids.registration_record_for(native, self.registration_dir)
+        if record is not None:
+            native_map, native_affine = grids.to_native_space(anomaly_map, affine, record)
+            native_image = native.get("native_image")
+            native_reference: Any = (native_affine, native_map.shape)
+            if native_image and os.path.isfile(str(native_image)):
+                native_reference = str(native_image)
+            io.write_volume_case(f"{case_id}_native", native_map, native_reference, maps_dir, pixel_threshold)
 
     def run(self) -> dict[str, Any]:
         """Load, calibrate, infer on the test set, write ``metrics.json``, case tables, maps and overlays."""

@@ -51,13 +51,15 @@ class DiffusionStep(nn.Module):
             return torch.randn_like(x0)
         from medad.corruptions import simplex_noise
 
-        return simplex_noise(tuple(x0.shape), **self.simplex_kwargs).to(x0)
+        return simplex_noise(tuple(x0.shape), device=x0.device, dtype=x0.dtype, **self.simplex_kwargs)
 
     def losses(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The per-sample terms of ``training_losses`` (for steps that add to them)."""
+        """The per-sample terms of ``training_losses`` plus the step's ``x0`` (model range) and ``t`` (for steps that
+        add to them, e.g. ADDM's adversary)."""
         x0 = to_model_range(batch[self.image_key], self.data_range)
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
-        return self.diffusion.training_losses(network, x0, t, noise=self.sample_noise(x0))
+        terms = self.diffusion.training_losses(network, x0, t, noise=self.sample_noise(x0))
+        return {**terms, "x0": x0, "t": t}
 
     def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         terms = self.losses(network, batch)

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from medad.data.validation import clear_input_errors
+
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import barrier, is_main_process, unwrap
+from .distributed import all_reduce_mean, barrier, is_main_process, unwrap
 
 __all__ = ["Trainer", "warmup_cosine_schedule"]
 
@@ -42,6 +44,10 @@ def warmup_cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
 class Trainer:
     """Train a network with a method's training step.
 
@@ -53,6 +59,7 @@ class Trainer:
             its state (e.g. a discriminator and its optimiser) is checkpointed too.
         max_steps: stop after this many optimiser steps (the papers count steps).
         max_epochs: or after this many passes over ``train_loader``; at least one of the two is required.
+        max_minutes: or after this much training time (a CPU budget for benchmarks); checked every step.
         device: where batches go.
         checkpoint_path: ``models/checkpoint.pt``-like path for the full resumable state.
         model_path: where the final network weights go (``models/model.pt``, the MONAI bundle convention).
@@ -73,6 +80,7 @@ class Trainer:
         training_step: Callable[[torch.nn.Module, Mapping[str, Any]], dict[str, torch.Tensor]],
         max_steps: int | None = None,
         max_epochs: int | None = None,
+        max_minutes: float | None = None,
         device: str | torch.device = "cpu",
         checkpoint_path: str | os.PathLike | None = None,
         model_path: str | os.PathLike | None = None,
@@ -92,6 +100,7 @@ class Trainer:
         self.training_step = training_step
         self.max_steps = max_steps if max_steps is not None else math.inf
         self.max_epochs = max_epochs if max_epochs is not None else math.inf
+        self.max_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
         self.device = torch.device(device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.model_path = Path(model_path) if model_path else None
@@ -145,7 +154,15 @@ class Trainer:
         if self.model_path is not None:
             save_checkpoint(self.model_path, {k: state[k] for k in ("bundle", "network", "step", "train_seconds")})
 
+    def _remove_stale_temporaries(self) -> None:
+        # A run killed while saving leaves its temporary file (".<name>.<random>.tmp"); the target is intact.
+        for path in (self.checkpoint_path, self.model_path):
+            if path is not None and path.parent.is_dir() and is_main_process():
+                for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+
     def _maybe_resume(self) -> None:
+        self._remove_stale_temporaries()
         if self.resume and self.checkpoint_path is not None and self.checkpoint_path.is_file():
             state = load_checkpoint(self.checkpoint_path, self.device)
             if self.bundle is not None and state.get("bundle") not in (None, self.bundle):
@@ -157,10 +174,20 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------------
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # Plain tensors: every op on a MONAI MetaTensor also updates its meta data, which costs more than a
+        # small network's convolutions; a training step needs the values only.
+        return {k: _plain(v).to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _over_time_budget(self, elapsed: float) -> bool:
+        over = self.train_seconds + elapsed >= self.max_seconds
+        if self.max_seconds != math.inf and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(over)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # all ranks stop together
+            over = bool(flag.item())
+        return over
 
     def _finished(self) -> bool:
-        return self.step >= self.max_steps or self.epoch >= self.max_epochs
+        return self.step >= self.max_steps or self.epoch >= self.max_epochs or self._over_time_budget(0.0)
 
     def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
@@ -206,7 +233,7 @@ class Trainer:
             start = time.perf_counter()
             sums: dict[str, float] = {}
             count = 0
-            for batch in self.train_loader:
+            for batch in clear_input_errors(self.train_loader):
                 scalars = self.train_iteration(batch)
                 for k, v in scalars.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -215,11 +242,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", epoch=self.epoch)
                 if self.step % self.checkpoint_every == 0:
                     self.save()
-                if self.step >= self.max_steps:
+                if self.step >= self.max_steps or self._over_time_budget(time.perf_counter() - start):
                     break
             self.train_seconds += time.perf_counter() - start
             self.epoch += 1
-            last = {k: v / max(count, 1) for k, v in sums.items()}
+            # Under DDP every rank saw its own share of the data: log the mean over ranks.
+            last = all_reduce_mean({k: v / max(count, 1) for k, v in sums.items()}, self.device)
             self._log({"epoch": self.epoch, "step": self.step, **last, "seconds": self.train_seconds})
         bar.close()
         self.save()

@@ -25,6 +25,8 @@ class PartialDiffusionInferer(AnomalyInferer):
         noise_start: True: x_t ~ q(x_t | x_0) (seed 000 "diffusion", AnoDDPM); False: the test image itself is x_t
             (seed 000 "no diffusion").
         noise: ``"gaussian"`` or ``"simplex"`` (AnoDDPM; the network must have been trained with simplex noise).
+        step_noise: noise of every reverse step, ``"gaussian"`` or ``"simplex"``; None follows ``noise`` (AnoDDPM's
+            ``sample_p`` draws the step noise with the same noise function it starts with).
         simplex_kwargs: octaves / persistence / frequency of :func:`medad.corruptions.simplex_noise`.
         data_range: range of the input images, mapped to the models' [-1, 1].
         seed: seed of the noise draws, for repeatable maps (None: global RNG).
@@ -37,6 +39,7 @@ class PartialDiffusionInferer(AnomalyInferer):
         num_steps: int | None = None,
         noise_start: bool = True,
         noise: str = "gaussian",
+        step_noise: str | None = None,
         simplex_kwargs: dict[str, Any] | None = None,
         data_range: tuple[float, float] = (0.0, 1.0),
         seed: int | None = 0,
@@ -44,12 +47,16 @@ class PartialDiffusionInferer(AnomalyInferer):
         super().__init__()
         if noise not in ("gaussian", "simplex"):
             raise ValueError(f"noise must be 'gaussian' or 'simplex', got {noise!r}.")
+        step_noise = noise if step_noise is None else step_noise
+        if step_noise not in ("gaussian", "simplex"):
+            raise ValueError(f"step_noise must be 'gaussian' or 'simplex', got {step_noise!r}.")
         self.diffusion = diffusion
         self.t_start = int(t_start)
         self.num_steps = int(num_steps) if num_steps is not None else self.t_start + 1
         diffusion.timesteps_for_restoration(self.t_start, self.num_steps)  # validate early
         self.noise_start = noise_start
         self.noise = noise
+        self.step_noise = step_noise
         self.simplex_kwargs = dict(simplex_kwargs or {})
         self.data_range = tuple(data_range)
         self.seed = seed
@@ -64,14 +71,22 @@ class PartialDiffusionInferer(AnomalyInferer):
         """(B, C, *spatial) images -> ``anomaly_map`` (B, 1, *spatial), ``restoration`` (B, C, *spatial)."""
         x0 = to_model_range(inputs, self.data_range)
         generator = self._generator(inputs.device)
-        start, noise_start = x0, self.noise_start
-        if self.noise_start and self.noise == "simplex":
+        # simplex_noise draws its permutation and offsets on the CPU, so it needs a CPU generator even on a GPU
+        simplex_generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+        def simplex(x: torch.Tensor) -> torch.Tensor:
             from medad.corruptions import simplex_noise
 
+            return simplex_noise(tuple(x.shape), generator=simplex_generator, device=x.device, dtype=x.dtype, **self.simplex_kwargs)
+
+        start, noise_start = x0, self.noise_start
+        if self.noise_start and self.noise == "simplex":
             t = torch.full((x0.shape[0],), self.t_start, dtype=torch.long, device=x0.device)
-            noise = simplex_noise(tuple(x0.shape), generator=generator, **self.simplex_kwargs).to(x0)
-            start, noise_start = self.diffusion.q_sample(x0, t, noise=noise), False
-        out = self.diffusion.restore(network, start, self.t_start, self.num_steps, noise_start=noise_start, generator=generator)
+            start, noise_start = self.diffusion.q_sample(x0, t, noise=simplex(x0)), False
+        noise_fn = simplex if self.step_noise == "simplex" else None
+        out = self.diffusion.restore(
+            network, start, self.t_start, self.num_steps, noise_start=noise_start, generator=generator, noise_fn=noise_fn
+        )
         restoration = from_model_range(out["restoration"], self.data_range)
         # seed 000: squared error summed over channels; AnoDDPM: (x - x̂0)², the same for one channel.
         return {"anomaly_map": squared_error_map(inputs, restoration), "restoration": restoration}

@@ -55,6 +55,8 @@ class SliceInferer(AnomalyInferer):
         """(B, C, X, Y, Z) volumes -> ``anomaly_map`` (B, 1, X, Y, Z), ``restoration`` (B, C, X, Y, Z)."""
         if inputs.dim() != 5:
             raise ValueError(f"SliceInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
+        if hasattr(inputs, "as_tensor"):  # a MetaTensor: MONAI cannot index its batched meta slice by slice
+            inputs = inputs.as_tensor()
         axis = 2 + self.spatial_dim
         moved = inputs.movedim(axis, 1)  # (B, S, C, H, W)
         b, s, c, h, w = moved.shape

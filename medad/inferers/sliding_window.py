@@ -31,6 +31,11 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
         sigma_scale: Gaussian σ as a fraction of the patch size (DISYRE: 0.125).
         sw_batch_size: patches per network call.
         foreground_weighting: weight patches by their foreground fraction.
+        normalize_foreground_weight: True (default): a foreground-weighted average, Σ w·f·output / Σ w·f.
+            False: DISYRE's official blending (``snavalm/disyre`` ``sliding_window_inference``), where only the
+            anomaly map of each patch is multiplied by f and the blend divides by the Gaussian weights alone,
+            Σ w·f·map / Σ w, so pixels seen mostly by background-heavy patches are damped (the restoration is
+            blended unweighted).
         foreground_threshold: pixels above this (in the input's range) are foreground when no mask is given.
         zero_background: set the anomaly map to 0 where the input is background.
     """
@@ -46,6 +51,7 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
         foreground_weighting: bool = True,
         foreground_threshold: float = 0.0,
         zero_background: bool = True,
+        normalize_foreground_weight: bool = True,
     ) -> None:
         super().__init__()
         self.inferer = inferer
@@ -57,6 +63,7 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
         self.foreground_weighting = foreground_weighting
         self.foreground_threshold = foreground_threshold
         self.zero_background = zero_background
+        self.normalize_foreground_weight = normalize_foreground_weight
 
     def foreground(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) -> (B, 1, *spatial) float foreground mask."""
@@ -84,6 +91,8 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
             if not self.foreground_weighting:
                 return out
             fraction = window_fg.flatten(1).mean(dim=1).reshape((-1,) + (1,) * (image.dim() - 1))
+            if not self.normalize_foreground_weight:
+                return {**out, "anomaly_map": out["anomaly_map"] * fraction}
             weighted = {k: v * fraction for k, v in out.items()}
             weighted[_WEIGHT_KEY] = fraction.expand_as(out["anomaly_map"]).contiguous()
             return weighted
@@ -99,7 +108,7 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
             padding_mode="constant",
             cval=0.0,
         )
-        if self.foreground_weighting:
+        if self.foreground_weighting and self.normalize_foreground_weight:
             weight = blended.pop(_WEIGHT_KEY).clamp_min(1e-8)
             blended = {k: v / weight for k, v in blended.items()}
         if self.zero_background:

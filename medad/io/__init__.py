@@ -6,6 +6,7 @@ the target folder, then rename), and no writer modifies its inputs.
 """
 
 from medad.io.atomic import atomic_save, atomic_write, to_jsonable, write_json
+from medad.io.dicom import DicomSeriesReader, dicom_to_nifti, read_dicom_series
 from medad.io.case_outputs import ANOMALY_SEGMENT, write_image_case, write_volume_case
 from medad.io.nifti import reference_grid, write_label_nifti, write_nifti_like
 from medad.io.overlays import save_overlay_png, save_volume_overlay_png, select_slices
@@ -29,14 +30,17 @@ from medad.io.tables import (
 __all__ = [
     "ANOMALY_SEGMENT",
     "CASE_COLUMNS",
+    "DicomSeriesReader",
     "RAS_TO_LPS",
     "anomaly_extent",
     "atomic_save",
     "atomic_write",
     "case_table",
     "cohort_summary",
+    "dicom_to_nifti",
     "lps_affine_to_ras",
     "ras_affine_to_lps",
+    "read_dicom_series",
     "reference_grid",
     "save_overlay_png",
     "save_roc_pr_curves",

@@ -1,1 +1,14 @@
-"""medad.methods."""
+"""medad.methods: the method-specific training steps and helpers, one module per method."""
+
+from medad.methods.addm import AdversarialDiffusionStep
+from medad.methods.disyre import SyntheticAnomalySchedule, SyntheticAnomalyStep
+from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
+
+__all__ = [
+    "AdversarialDiffusionStep",
+    "FairTrainingStep",
+    "SyntheticAnomalySchedule",
+    "SyntheticAnomalyStep",
+    "fair_lr_scheduler",
+    "training_length",
+]

@@ -1,1 +1,70 @@
-"""medad.transforms."""
+"""MONAI dictionary transforms: frequency filters, synthetic-anomaly corruptions, MRI preprocessing."""
+
+from . import mri
+
+from .corruption import RandFairCorruptiond, RandLargeCutPasted, RandPerlinTextured
+from .mri import (
+    SKULL_STRIP_BACKENDS,
+    REGISTRATION_TRANSFORMS,
+    NORMALIZATION_MODES,
+    REGISTRATION_RECORD_NAME,
+    load_volume,
+    save_volume,
+    load_mni152,
+    metatensor_to_ants,
+    ants_to_metatensor,
+    metatensor_to_sitk,
+    atlas_brain_mask,
+    ReorientToCanonicald,
+    N4BiasCorrectiond,
+    SkullStripd,
+    RegisterToTemplated,
+    NormalizeIntensityInBraind,
+    load_registration_record,
+    apply_forward_transform,
+    apply_inverse_transform,
+)
+from .frequency import (
+    HighPassd,
+    SobelGradientsd,
+    butterworth_highpass_filter,
+    gaussian_highpass_filter,
+    highpass,
+    ideal_highpass_filter,
+    sobel_gradients,
+    to_grayscale,
+)
+
+__all__ = [
+    "HighPassd",
+    "N4BiasCorrectiond",
+    "NORMALIZATION_MODES",
+    "NormalizeIntensityInBraind",
+    "REGISTRATION_RECORD_NAME",
+    "REGISTRATION_TRANSFORMS",
+    "RandFairCorruptiond",
+    "RandLargeCutPasted",
+    "RandPerlinTextured",
+    "RegisterToTemplated",
+    "ReorientToCanonicald",
+    "SKULL_STRIP_BACKENDS",
+    "SkullStripd",
+    "SobelGradientsd",
+    "ants_to_metatensor",
+    "apply_forward_transform",
+    "apply_inverse_transform",
+    "atlas_brain_mask",
+    "butterworth_highpass_filter",
+    "gaussian_highpass_filter",
+    "highpass",
+    "ideal_highpass_filter",
+    "load_mni152",
+    "load_registration_record",
+    "load_volume",
+    "metatensor_to_ants",
+    "metatensor_to_sitk",
+    "mri",
+    "save_volume",
+    "sobel_gradients",
+    "to_grayscale",
+]

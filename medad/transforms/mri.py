@@ -32,19 +32,24 @@ import functools
 import io
 import json
 import os
+import tempfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ants
+from typing import TYPE_CHECKING
+
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation
 from scipy import ndimage
+
+if TYPE_CHECKING:  # ANTsPy and SimpleITK are imported lazily: `import ants` alone takes seconds.
+    import ants
+    import SimpleITK as sitk
 
 __all__ = [
     "SKULL_STRIP_BACKENDS",
@@ -153,6 +158,8 @@ def metatensor_to_ants(volume: torch.Tensor | np.ndarray, affine: np.ndarray | N
     ``diag(-1, -1, 1, 1) @ affine`` is split into spacing (column norms), direction (unit columns)
     and origin (translation). Voxel order is unchanged (ANTsPy arrays are indexed ``[i, j, k]``).
     """
+    import ants
+
     array = np.ascontiguousarray(_as_numpy_3d(volume), dtype=np.float32)
     lps = _RAS_TO_LPS @ _affine_of(volume, affine)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -180,6 +187,8 @@ def metatensor_to_sitk(volume: torch.Tensor | np.ndarray, affine: np.ndarray | N
 
     SimpleITK arrays are indexed ``[z, y, x]``, hence the transpose.
     """
+    import SimpleITK as sitk
+
     array = np.ascontiguousarray(_as_numpy_3d(volume).transpose(2, 1, 0), dtype=np.float32)
     lps = _RAS_TO_LPS @ _affine_of(volume, affine)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -242,6 +251,8 @@ def _ants_seed(seed: int | None) -> Iterator[None]:
     # ANTs samples the mutual-information metric at random points; antspy only exposes the seed
     # through its (module-private) config, which every `ants.registration` call appends as
     # `--random-seed`. Set it temporarily so a case is reproducible (up to ITK threading).
+    import ants
+
     previous = ants.config._random_seed
     ants.config._random_seed = seed
     try:
@@ -252,14 +263,10 @@ def _ants_seed(seed: int | None) -> Iterator[None]:
 
 def _ants_register(fixed: ants.ANTsImage, moving: ants.ANTsImage, type_of_transform: str, outprefix: str,
                    seed: int | None, **kwargs: Any) -> dict[str, Any]:
+    import ants
+
     with _ants_seed(seed):
         return ants.registration(fixed, moving, type_of_transform=type_of_transform, outprefix=outprefix, **kwargs)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = a.sum() + b.sum()
-    return float(2.0 * (a & b).sum() / total) if total else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +327,8 @@ class N4BiasCorrectiond(MapTransform):
 
     def correct(self, volume: torch.Tensor) -> MetaTensor:
         """Return the bias-corrected ``(1, X, Y, Z)`` volume (same grid and meta)."""
+        import SimpleITK as sitk
+
         array = _as_numpy_3d(volume)
         # N4 works on log intensities: shift so the minimum is 0 and add 1 to avoid log(0).
         offset = float(array.min())
@@ -370,16 +379,20 @@ def atlas_brain_mask(head: MetaTensor, template: MetaTensor, template_mask: Meta
     """Brain mask of a T1 head by registration-based transfer of the template's brain mask.
 
     The nilearn MNI152 template is skull-stripped, so registering the full head to it pulls the
-    brain outline onto the scalp (measured Dice ~0.57 with deepbet on IXI012). Instead:
+    brain outline onto the scalp (Dice 0.57 with deepbet's mask, measured on IXI012). Instead:
 
-    1. a crude brain estimate (Otsu head mask opened by ``opening_mm``; ~0.89 Dice on IXI) masks
-       the head, which makes the moving image brain-like;
+    1. a crude brain estimate (Otsu head mask opened by ``opening_mm``; Dice 0.885-0.909 with
+       deepbet on 5 raw IXI heads) masks the head, which makes the moving image brain-like;
     2. rigid + affine registration (``antsRegistrationSyNQuick[a]``) of that image to the brain
        template, with the metric restricted to the template brain dilated by
        ``fixed_mask_dilation_mm``;
-    3. optionally (``refine``) one more affine pass on the head masked by the transferred mask
-       dilated by 4 mm;
-    4. the template brain mask is pulled back through the inverse affine (linear, threshold 0.5).
+    3. if ``refine``, one more affine pass on the head masked by the transferred mask dilated by
+       4 mm, starting from the first affine;
+    4. the template brain mask is pulled back through the inverse affine (linear, threshold 0.5),
+       keeping the largest component with holes filled.
+
+    Measured Dice with deepbet's mask on 4 N4-corrected IXI heads (012, 049, 079, 097): 0.921-0.936
+    without the refinement pass, 0.949-0.962 with it (about 1.5-2x the time), hence the default.
 
     Args:
         head: ``(1, X, Y, Z)`` head MetaTensor (bias-corrected, RAS affine).
@@ -388,7 +401,7 @@ def atlas_brain_mask(head: MetaTensor, template: MetaTensor, template_mask: Meta
     Returns:
         boolean ``(X, Y, Z)`` brain mask on the head's grid.
     """
-    import tempfile
+    import ants
 
     array = _as_numpy_3d(head).astype(np.float32)
     spacing = np.linalg.norm(_affine_of(head)[:3, :3], axis=0)
@@ -430,7 +443,7 @@ class SkullStripd(MapTransform):
         - ``"brainextractor"``: a Python re-implementation of FSL BET's surface deformation
           (~30 s per 2 mm volume; the first call JIT-compiles with numba).
         - ``"atlas"``: registration-based transfer of the template's brain mask with ANTsPy
-          (:func:`atlas_brain_mask`, ~8 s).
+          (:func:`atlas_brain_mask`, ~5-10 s).
 
     Args:
         keys: image key(s); the first one is stripped and every listed key is multiplied by the mask.
@@ -576,7 +589,8 @@ class RegisterToTemplated(MapTransform):
         if self.mask_key is not None and self.mask_key in d:
             d[self.mask_key] = self._to_template(d[self.mask_key], fixed, forward, "nearestNeighbor", template)
         record = {
-            "template": str(self.template), "template_mask": None if self.template_mask is None else str(self.template_mask),
+            "template": str(self.template),
+            "template_mask": None if self.template_mask is None else str(self.template_mask),
             "resolution": self.resolution, "transform": self.transform,
             "template_affine": _affine_of(template).tolist(),
             "template_spatial_shape": [int(s) for s in template.shape[-3:]],
@@ -595,6 +609,8 @@ class RegisterToTemplated(MapTransform):
     @staticmethod
     def _to_template(volume: torch.Tensor, fixed: ants.ANTsImage, forward: list[str], interpolator: str,
                      template: MetaTensor) -> MetaTensor:
+        import ants
+
         warped = ants.apply_transforms(fixed, metatensor_to_ants(volume), forward, interpolator=interpolator)
         return _like(volume, np.asarray(warped.numpy(), dtype=np.float32), affine=_affine_of(template))
 
@@ -709,6 +725,8 @@ def _as_volume(moving: MetaTensor | torch.Tensor | np.ndarray | str | os.PathLik
 
 def _warp(moving: ants.ANTsImage, reference: ants.ANTsImage, transforms: list[str], which: list[bool],
           interpolator: str) -> MetaTensor:
+    import ants
+
     warped = ants.apply_transforms(reference, moving, transforms, whichtoinvert=which, interpolator=interpolator)
     return ants_to_metatensor(warped)
 

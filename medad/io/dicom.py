@@ -1,0 +1,132 @@
+"""DICOM series input (SimpleITK), de-identified: only voxels and geometry are read, never patient data.
+
+A folder holding one DICOM series becomes a NIfTI-like volume ``(X, Y, Z)`` with a RAS affine, the convention of
+every other medad volume. No DICOM tag is copied anywhere: the series is read with SimpleITK's
+``ImageSeriesReader`` without its per-slice metadata dictionaries and without private tags, the NIfTI header that
+:func:`dicom_to_nifti` writes has empty description fields, and errors name the folder, never a tag value.
+(The folder's own name is the user's choice and is kept as the case name; do not name folders after patients.)
+
+Use it as a loader input (``LoadInputd`` reads a folder with :class:`DicomSeriesReader`) or convert once::
+
+    python -m medad.io.dicom /data/dicom/case001 /data/nifti/case001.nii.gz
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader
+
+__all__ = ["read_dicom_series", "dicom_to_nifti", "DicomSeriesReader"]
+
+PathLike = str | os.PathLike
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _series_files(folder: Path, series_id: str | None) -> list[str]:
+    import SimpleITK as sitk
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: DICOM folder not found.")
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise ValueError(f"{folder}: no DICOM series found in this folder.")
+    if series_id is None:
+        if len(ids) > 1:
+            raise ValueError(f"{folder}: holds {len(ids)} DICOM series; put each series in its own folder.")
+        series_id = ids[0]
+    elif series_id not in ids:
+        raise ValueError(f"{folder}: the requested series is not in this folder.")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+
+
+def read_dicom_series(folder: PathLike, series_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one DICOM series as ``(volume (X, Y, Z) float32, 4x4 RAS affine)``; no tag value is kept.
+
+    Args:
+        folder: folder of the series' files (one series; pass ``series_id`` when it holds several).
+        series_id: SeriesInstanceUID to read.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    files = _series_files(folder, series_id)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOff()  # no per-slice tag dictionaries (patient data) in memory
+    reader.LoadPrivateTagsOff()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{folder}: not a readable DICOM series ({reason}).") from error
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{folder}: colour DICOM series are not supported; expected one grey value per voxel.")
+    if image.GetDimension() != 3:
+        raise ValueError(f"{folder}: expected a 3D series, got {image.GetDimension()}D.")
+    # SimpleITK arrays are [z, y, x]; medad volumes are [x, y, z] with an affine to RAS (ITK works in LPS).
+    volume = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0), dtype=np.float32)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return volume, _LPS_TO_RAS @ lps
+
+
+def dicom_to_nifti(folder: PathLike, path: PathLike, series_id: str | None = None) -> Path:
+    """Convert one DICOM series to a float32 NIfTI (atomically), without any patient data in its header."""
+    import nibabel as nib
+
+    from medad.io.atomic import atomic_save
+
+    volume, affine = read_dicom_series(folder, series_id)
+    image = nib.Nifti1Image(volume, affine)  # a fresh header: descrip / db_name / aux_file stay empty
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return atomic_save(path, lambda name: nib.save(image, name))
+
+
+class DicomSeriesReader(ImageReader):
+    """MONAI ``ImageReader`` for a folder holding one DICOM series (see :func:`read_dicom_series`).
+
+    The meta data carry the geometry only: ``affine`` / ``original_affine`` (RAS), ``spatial_shape`` and
+    ``filename_or_obj`` (the folder).
+    """
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return len(names) == 1 and Path(names[0]).is_dir()
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> tuple[str, np.ndarray, np.ndarray]:
+        name = data if isinstance(data, (str, os.PathLike)) else data[0]
+        volume, affine = read_dicom_series(name)
+        return str(name), volume, affine
+
+    def get_data(self, img: tuple[str, np.ndarray, np.ndarray]) -> tuple[np.ndarray, dict]:
+        name, volume, affine = img
+        meta = {
+            "affine": affine.copy(),
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(volume.shape),
+            "original_channel_dim": "no_channel",  # EnsureChannelFirst adds the channel axis
+            "filename_or_obj": name,
+        }
+        return volume, meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2:
+        print("usage: python -m medad.io.dicom <dicom_series_folder> <output.nii.gz>", file=sys.stderr)
+        return 2
+    print(dicom_to_nifti(argv[0], argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

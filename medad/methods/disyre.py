@@ -1,0 +1,149 @@
+"""DISYRE (seed 003): Diffusion-Inspired SYnthetic REstoration.
+
+A diffusion-like pipeline whose corruption is a synthetic anomaly instead of Gaussian noise: a foreign patch
+from another healthy sample is blended in with strength α (eq. 1, :class:`medad.corruptions.ForeignPatchCorruption`),
+α follows a DDPM schedule indexed by t, and a network conditioned on t predicts the healthy image x_0 (MSE).
+
+Schedule direction. The paper: "α_t increases with t, α_0 = 0 ... α_T = 1", built from the DDPM linear
+schedule (β from 1e-3 to 0.2, T = 100). The official scheduler (``snavalm/disyre``, ``diffusion/scheduler.py``)
+steps with ``α_t = sqrt_alphas_cumprod.flip(0)[t]`` = √ᾱ_{T-1-t}, which grows from √ᾱ_{T-1} ≈ 0.004 to
+√ᾱ_0 ≈ 0.9995, i.e. corruption strength growing with t as the paper says. Its trainer, however, maps a training
+strength α to ``argmin_t |√ᾱ_t − α|`` on the *unflipped* array, so there strength *decreases* with t and the
+network's t-conditioning is mirrored with respect to the restoration steps. We use one convention everywhere:
+
+    α_t = √ᾱ_{T-1-t}   (strength grows with t),     t(α) = argmin_t |α_t − α| = T − 1 − argmin_s |√ᾱ_s − α|,
+
+the METHODS.md formula ``argmin |√ᾱ − α|`` read on the flipped schedule. ᾱ comes from the shared
+:func:`medad.diffusion.make_diffusion` (no schedule math is re-derived here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medad.corruptions import ForeignPatchCorruption
+from medad.diffusion import make_diffusion
+
+__all__ = ["SyntheticAnomalySchedule", "SyntheticAnomalyStep"]
+
+
+class SyntheticAnomalySchedule:
+    """DISYRE's corruption-strength schedule α_t and its inverse t(α).
+
+    Args:
+        num_timesteps: T (DISYRE: 100).
+        schedule: β schedule name of :func:`medad.diffusion.get_named_beta_schedule` (DISYRE: ``"linear"``).
+        schedule_kwargs: its options; for ``"linear"`` ``beta_start`` / ``beta_end`` default to DISYRE's 1e-3 / 0.2.
+
+    Attributes:
+        alphas: float64 ``(T,)``, α_t = √ᾱ_{T-1-t}, increasing in t (α_0 ≈ 0.004, α_{T-1} ≈ 0.9995 for DISYRE).
+    """
+
+    def __init__(self, num_timesteps: int = 100, schedule: str = "linear", **schedule_kwargs: float) -> None:
+        if schedule == "linear":
+            schedule_kwargs = {"beta_start": 1e-3, "beta_end": 0.2, **schedule_kwargs}
+        diffusion = make_diffusion(schedule, num_timesteps, "start_x", **schedule_kwargs)
+        self.num_timesteps = diffusion.num_timesteps
+        # official DISYREScheduler.step: alpha_prod_t = sqrt_alphas_cumprod.flip(0)[t]
+        self.alphas = np.ascontiguousarray(diffusion.sqrt_alphas_cumprod[::-1])
+
+    def alpha(self, t: torch.Tensor | int) -> torch.Tensor:
+        """α_t for integer timesteps ``t`` (any shape; ``t = -1`` gives 0, the clean image). float32 tensor."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        table = torch.from_numpy(np.append(self.alphas, 0.0)).float()  # index -1 -> appended 0
+        return table.to(t.device)[t]
+
+    def timestep_for_alpha(self, alpha: torch.Tensor | float) -> torch.Tensor:
+        """The timestep whose α_t is closest to ``alpha`` (values in [0, 1]); LongTensor of ``alpha``'s shape."""
+        alpha = torch.as_tensor(alpha, dtype=torch.float64)
+        table = torch.from_numpy(self.alphas).to(alpha.device)
+        return (table - alpha.unsqueeze(-1)).abs().argmin(dim=-1)
+
+    def restoration_timesteps(self, num_steps: int) -> list[int]:
+        """Descending timesteps of a ``num_steps``-step restoration, "trailing" spacing as the official code.
+
+        ``round(T - i * T / n) - 1`` for ``i = 0..n-1``: T = 100, n = 5 gives ``[99, 79, 59, 39, 19]`` (skip 20, the
+        paper's choice); the step after the last one lands on the clean image (α = 0).
+        """
+        n = int(num_steps)
+        if not 1 <= n <= self.num_timesteps:
+            raise ValueError(f"num_steps must lie in [1, {self.num_timesteps}], got {num_steps}.")
+        return [int(np.floor(self.num_timesteps - i * self.num_timesteps / n + 0.5)) - 1 for i in range(n)]
+
+
+class SyntheticAnomalyStep(nn.Module):
+    """DISYRE's training objective: corrupt healthy slices with foreign patches, predict the healthy image.
+
+    For a batch of healthy images x (B, C, H, W) in [0, 1] (background exactly 0): draw α ~ U(alpha_range)
+    per sample, corrupt with a foreign patch taken from another sample of the batch (``x.roll(1, 0)``),
+    only inside the foreground (``brain_mask`` when the batch has it), set t = t(α) and minimise
+    ``MSE(network(x_t, t), x)``. A sample whose mask came out empty (no foreground) gets α = 0, as the
+    official FPI transform does, so its t is the "clean" end of the schedule.
+
+    Args:
+        schedule: the :class:`SyntheticAnomalySchedule`.
+        corruption: the foreign-patch corruption (default: 64-pixel shapes in the foreground, as DISYRE's
+            128² patches; pass a smaller ``patch_size`` for small images).
+        alpha_range: range of the uniform strength draw (official: [0, 1]).
+        image_key / foreground_key: batch keys of the images and their foreground masks.
+        seed: seed of the corruption generator (None: the global torch RNG).
+    """
+
+    def __init__(
+        self,
+        schedule: SyntheticAnomalySchedule,
+        corruption: ForeignPatchCorruption | None = None,
+        alpha_range: Sequence[float] = (0.0, 1.0),
+        image_key: str = "image",
+        foreground_key: str | None = "brain_mask",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        low, high = (float(a) for a in alpha_range)
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"alpha_range must satisfy 0 <= low <= high <= 1, got {tuple(alpha_range)}.")
+        self.schedule = schedule
+        self.corruption = corruption if corruption is not None else ForeignPatchCorruption(patch_size=64)
+        self.alpha_range = (low, high)
+        self.image_key = image_key
+        self.foreground_key = foreground_key
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def corrupt(
+        self, x: torch.Tensor, foreground: torch.Tensor | None = None, alpha: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Build the network input.
+
+        Args:
+            x: ``(B, C, *spatial)`` healthy images.
+            foreground: optional ``(B, 1, *spatial)`` masks where anomalies may go.
+            alpha: optional ``(B,)`` strengths; default uniform in ``alpha_range``.
+
+        Returns:
+            ``x_t`` (B, C, *spatial), ``mask`` (B, 1, *spatial) soft shape m, ``alpha`` (B,) effective strength,
+            ``t`` (B,) timesteps.
+        """
+        batch = x.shape[0]
+        if alpha is None:
+            low, high = self.alpha_range
+            alpha = low + (high - low) * torch.rand(batch, generator=self.generator)
+        alpha = torch.as_tensor(alpha, dtype=x.dtype).reshape(batch).to(x.device)
+        foreign = x.roll(1, dims=0)  # another healthy sample of the batch (B = 1: another place of the same image)
+        x_t, mask = self.corruption(x, foreign, alpha, foreground=foreground, generator=self.generator)
+        changed = (x_t != x).flatten(1).any(dim=1)
+        alpha = torch.where(changed, alpha, torch.zeros_like(alpha))
+        return {"x_t": x_t, "mask": mask, "alpha": alpha, "t": self.schedule.timestep_for_alpha(alpha).to(x.device)}
+
+    def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"loss": MSE(network(x_t, t), x), "alpha": mean strength}`` for a batch of (B, C, H, W) images."""
+        x = batch[self.image_key]
+        foreground = batch.get(self.foreground_key) if self.foreground_key else None
+        corrupted = self.corrupt(x, foreground)
+        prediction = network(corrupted["x_t"], corrupted["t"])
+        return {"loss": F.mse_loss(prediction, x), "alpha": corrupted["alpha"].mean().detach()}

@@ -1,0 +1,175 @@
+"""FAIR training (seed 002, Sec. 3; official ``train.py`` / ``data_loaderbhpf.py`` of ``liutongkun/FAIR``).
+
+One training step: corrupt the normal image with FAIR's synthetic anomalies (50 % large CutPaste, 50 %
+Perlin-mask texture, each branch clean half of the time, the clean image itself rotated by up to ±90°
+with p = 0.3), convert to gray, high-pass it, restore the (colour) clean image with the UNet and
+minimise ``L2 + SSIM`` (paper eq. 7). The high-pass input is made by
+:func:`medad.inferers.frequency.high_frequency_input`, the very function the inferer uses.
+
+Deviations from the official code: the corruption runs on the batch in the training step (so any loader,
+including MRI slices, can feed it) instead of inside the dataset; the learning-rate decay ×0.2 at 80 % and
+90 % of training is stepped per iteration (milestones in steps) because the shared trainer steps its
+scheduler every iteration; the official code steps a MultiStepLR per epoch at the same fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from monai.losses import SSIMLoss
+from monai.utils import convert_to_tensor
+from torch import nn
+
+from medad.inferers.frequency import extractor_channels, high_frequency_input
+from medad.transforms.corruption import RandFairCorruptiond
+
+__all__ = ["FairTrainingStep", "fair_lr_scheduler", "training_length"]
+
+
+class FairTrainingStep(nn.Module):
+    """FAIR's objective (eq. 7): ``L2(x̂, x) + ssim_weight · (1 - SSIM(x̂, x))``.
+
+    ``x̂ = network(highpass(gray(corrupt(x))))``; ``x`` is the clean image (rotated where the corruption rotated it).
+
+    Args:
+        filter_kind: ``"butterworth"`` (FAIR), ``"gaussian"``, ``"ideal"`` or ``"sobel"``.
+        cutoff: high-pass cutoff ``D0`` (FAIR: 30 for 256² images).
+        order: Butterworth order (FAIR: 2).
+        cutoff_reference_size: the image size ``cutoff`` refers to (256).
+        corrupt: add FAIR's synthetic anomalies (False: a plain frequency-restoration autoencoder).
+        texture_source: DTD-like texture folder, or None for the image's own texture (the paper's
+            "no extra data" variant, Table 12).
+        p_perlin: probability of the Perlin-texture branch (else large CutPaste).
+        p_clean: probability that the chosen branch leaves the image clean.
+        rotate_prob / rotate_range_deg: rotation of the clean image (FAIR: p = 0.3, ±90°).
+        beta_range: Perlin texture blend range (DRAEM: [0, 0.8)).
+        patch_fraction: CutPaste patch side range (FAIR: [0.8, 0.9)).
+        ssim_weight: weight of the SSIM loss (FAIR: 1).
+        ssim_window: Gaussian SSIM window (FAIR: 11, σ = 1.5).
+        spatial_dims: 2 (images and MRI slices).
+        image_key: batch key of the clean images ``(B, C, H, W)`` in [0, 1].
+        corrupted_key: if the batch already holds corrupted images under this key (e.g. made by
+            :class:`~medad.transforms.corruption.RandFairCorruptiond` in the loader), they are used as they are.
+        seed: seed of the corruption's random state (None: MONAI's shared default state).
+    """
+
+    def __init__(
+        self,
+        filter_kind: str = "butterworth",
+        cutoff: float = 30.0,
+        order: int = 2,
+        cutoff_reference_size: int | None = 256,
+        corrupt: bool = True,
+        texture_source: str | Path | None = None,
+        p_perlin: float = 0.5,
+        p_clean: float = 0.5,
+        rotate_prob: float = 0.3,
+        rotate_range_deg: float = 90.0,
+        beta_range: Sequence[float] = (0.0, 0.8),
+        patch_fraction: Sequence[float] = (0.8, 0.9),
+        ssim_weight: float = 1.0,
+        ssim_window: int = 11,
+        spatial_dims: int = 2,
+        image_key: str = "image",
+        corrupted_key: str = "corrupted",
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        self.in_channels = extractor_channels(filter_kind)  # validates the extractor name
+        self.filter_kind = filter_kind
+        self.cutoff = float(cutoff)
+        self.order = int(order)
+        self.cutoff_reference_size = cutoff_reference_size
+        self.image_key = image_key
+        self.corrupted_key = corrupted_key
+        self.ssim_weight = float(ssim_weight)
+        self.corruption: RandFairCorruptiond | None = None
+        if corrupt:
+            self.corruption = RandFairCorruptiond(
+                keys=image_key, texture_source=texture_source, p_perlin=p_perlin, p_clean=p_clean,
+                rotate_prob=rotate_prob, rotate_range_deg=rotate_range_deg, beta_range=tuple(beta_range),
+                patch_fraction=tuple(patch_fraction), corrupted_key=corrupted_key,
+            )
+            if seed is not None:
+                self.corruption.set_random_state(seed=seed)
+        # FAIR's SSIM (official loss.py): Gaussian window 11, sigma 1.5, data range 1, averaged over channels.
+        self.ssim = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=ssim_window,
+                             kernel_sigma=1.5)
+
+    def corrupt_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corrupt every sample of ``(B, C, H, W)`` images.
+
+        Returns:
+            ``(targets, corrupted)``, both ``(B, C, H, W)``: ``targets`` are the clean images, rotated where the
+            corruption rotated them (the network must restore the rotated clean image).
+        """
+        if self.corruption is None:
+            return images, images
+        targets, corrupted = [], []
+        for sample in images:
+            out = self.corruption({self.image_key: sample})
+            targets.append(convert_to_tensor(out[self.image_key], track_meta=False))
+            corrupted.append(convert_to_tensor(out[self.corrupted_key], track_meta=False))
+        return torch.stack(targets).to(images), torch.stack(corrupted).to(images)
+
+    def network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Gray + high-pass (or Sobel) of ``(B, C, H, W)`` images: the restoration network's input."""
+        return high_frequency_input(images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size)
+
+    def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """One batch -> ``{"loss", "l2", "ssim"}`` (scalars; ``loss`` carries the gradient)."""
+        images = convert_to_tensor(batch[self.image_key], track_meta=False).float()
+        if self.corrupted_key in batch:
+            targets, corrupted = images, convert_to_tensor(batch[self.corrupted_key], track_meta=False).float()
+        else:
+            with torch.no_grad():
+                targets, corrupted = self.corrupt_batch(images)
+        restoration = network(self.network_input(corrupted))
+        if restoration.shape != targets.shape:
+            raise ValueError(
+                f"fair.py: the network restored shape {tuple(restoration.shape)} for images of shape "
+                f"{tuple(targets.shape)}; its out_channels must equal the image channels."
+            )
+        l2 = F.mse_loss(restoration, targets)
+        ssim = self.ssim(restoration, targets)
+        return {"loss": l2 + self.ssim_weight * ssim, "l2": l2.detach(), "ssim": ssim.detach()}
+
+
+def training_length(
+    max_steps: int | None = None, max_epochs: int | None = None, steps_per_epoch: int | None = None
+) -> int:
+    """Optimiser steps the :class:`~medad.engine.Trainer` will take: the first of ``max_steps`` and
+    ``max_epochs · steps_per_epoch`` to be reached."""
+    bounds = [math.inf]
+    if max_steps is not None:
+        bounds.append(int(max_steps))
+    if max_epochs is not None:
+        if steps_per_epoch is None:
+            raise ValueError("fair.py: max_epochs needs steps_per_epoch (the length of the training loader).")
+        bounds.append(int(max_epochs) * int(steps_per_epoch))
+    total = min(bounds)
+    if total == math.inf:
+        raise ValueError("fair.py: give max_steps or max_epochs to size the learning-rate schedule.")
+    return int(total)
+
+
+def fair_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_steps: int | None = None,
+    max_epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    fractions: Sequence[float] = (0.8, 0.9),
+    gamma: float = 0.2,
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """FAIR's schedule: learning rate ×``gamma`` after ``fractions`` of training, stepped every iteration.
+
+    The milestones are ``int(f · total_steps)`` with ``total_steps`` from :func:`training_length`.
+    """
+    total = training_length(max_steps, max_epochs, steps_per_epoch)
+    milestones = sorted({max(1, int(f * total)) for f in fractions})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
