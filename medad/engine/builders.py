@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset
 
 from .distributed import is_distributed, main_process_first
 
@@ -44,6 +44,7 @@ def image_loaders(
     demo_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     max_train_images: int | None = None,
+    cache: bool = True,
 ) -> dict[str, DataLoader]:
     """Train / calibration / test loaders for an MVTec-AD-layout folder, or the embedded demo when none is given.
 
@@ -60,6 +61,7 @@ def image_loaders(
         demo_dir: where the demo data goes; demo_kwargs: arguments of :func:`medad.data.make_demo_mvtec`.
         seed: seed of the train/validation split.
         max_train_images: use only the first N training images (quick runs).
+        cache: keep decoded, resized images in memory (``monai.data.CacheDataset``).
 
     Returns:
         ``{"train": ..., "val": ..., "test": ...}``; ``val`` holds normal images only.
@@ -81,10 +83,14 @@ def image_loaders(
     test_list = data.mvtec_datalist(root, category, split="test")
     train_tf = data.image_transforms(image_size, channels, augment=augment, rotate90=rotate90)
     eval_tf = data.image_transforms(image_size, channels, augment=False)
+    # Decoding and resizing are deterministic: cache them once (CacheDataset stops at the first random transform).
+    def cached(items: list, transform: Any) -> Dataset:
+        return CacheDataset(items, transform, progress=False) if cache else Dataset(items, transform)
+
     return {
-        "train": _loader(Dataset(train_list, train_tf), batch_size, True, num_workers, drop_last=len(train_list) > batch_size),
-        "val": _loader(Dataset(val_list, eval_tf), eval_batch_size, False, num_workers),
-        "test": _loader(Dataset(test_list, eval_tf), eval_batch_size, False, num_workers),
+        "train": _loader(cached(train_list, train_tf), batch_size, True, num_workers, drop_last=len(train_list) > batch_size),
+        "val": _loader(cached(val_list, eval_tf), eval_batch_size, False, num_workers),
+        "test": _loader(cached(test_list, eval_tf), eval_batch_size, False, num_workers),
     }
 
 
@@ -181,8 +187,6 @@ def volume_loaders(
         yield one volume per batch, ``image``/``mask``/``brain_mask`` (1, 1, X, Y, Z), with the affine in the meta.
     """
     from monai import transforms as mt
-    from monai.data import CacheDataset
-
     from medad import data
 
     if dataset_dir is None:
