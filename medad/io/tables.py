@@ -74,17 +74,17 @@ def anomaly_extent(anomaly_mask: Any, voxel_spacing: Sequence[float] | None = No
 
 
 def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    # 2|A∩B| / (|A| + |B|); two empty masks agree perfectly.
-    denominator = prediction.sum() + truth.sum()
-    return 1.0 if denominator == 0 else float(2.0 * np.logical_and(prediction, truth).sum() / denominator)
+    from medad.metrics import segmentation_scores
+
+    return float(segmentation_scores(prediction[None].astype(np.float64), truth[None], threshold=0.5)["dice"])
 
 
 def _average_precision(anomaly_map: np.ndarray, truth: np.ndarray) -> float:
-    from sklearn.metrics import average_precision_score
+    from medad.metrics import average_precision
 
     if not truth.any():
         return math.nan  # undefined without a positive pixel
-    return float(average_precision_score(truth.ravel(), anomaly_map.ravel()))
+    return float(average_precision(anomaly_map[None], truth[None]))
 
 
 def _case_row(record: Mapping[str, Any], threshold: float | None) -> dict[str, Any]:
@@ -196,12 +196,12 @@ def cohort_summary(df: pd.DataFrame) -> dict[str, Any]:
     for column in ("ap", "dice", "runtime_s"):
         summary[f"mean_{column}"] = _mean(df[column]) if column in df else None
     if {"0", "1"} <= set(groups):
-        from sklearn.metrics import average_precision_score, roc_auc_score
+        from medad.metrics import average_precision, image_auroc
 
         known = df.dropna(subset=["label"])
         labels, scores = known["label"].astype(int).to_numpy(), known["image_score"].to_numpy(dtype=np.float64)
-        summary["image_auroc"] = float(roc_auc_score(labels, scores))
-        summary["image_ap"] = float(average_precision_score(labels, scores))
+        summary["image_auroc"] = image_auroc(scores, labels)
+        summary["image_ap"] = float(average_precision(scores, labels))
     return summary
 
 
@@ -240,7 +240,7 @@ def save_roc_pr_curves(scores: Any, labels: Any, path_prefix: PathLike, title: s
     Returns:
         ``{"roc": path, "pr": path}``.
     """
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+    from medad.metrics import average_precision, image_auroc, pr_curve_points, roc_curve_points
 
     scores_np = _to_numpy(scores).astype(np.float64).ravel()
     labels_np = _to_numpy(labels).astype(int).ravel()
@@ -249,12 +249,13 @@ def save_roc_pr_curves(scores: Any, labels: Any, path_prefix: PathLike, title: s
     if set(np.unique(labels_np).tolist()) != {0, 1}:
         raise ValueError("ROC and PR curves need both normal (0) and anomalous (1) cases among the labels.")
     prefix = os.fspath(path_prefix)
-    fpr, tpr, _ = roc_curve(labels_np, scores_np)
-    precision, recall, _ = precision_recall_curve(labels_np, scores_np)
-    ap = average_precision_score(labels_np, scores_np)
+    fpr, tpr, _ = roc_curve_points(scores_np, labels_np)
+    precision, recall, _ = pr_curve_points(scores_np, labels_np)
+    ap = average_precision(scores_np, labels_np)
+    auroc = image_auroc(scores_np, labels_np)
     return {
         "roc": _save_curve(Path(f"{prefix}_roc.png"), fpr, tpr, "false positive rate", "true positive rate",
-                           f"AUROC = {auc(fpr, tpr):.3f}", diagonal=True, title=title, step=False),
+                           f"AUROC = {auroc:.3f}", diagonal=True, title=title, step=False),
         # AP is the step-wise area under this curve (sklearn's definition), so draw it as steps.
         "pr": _save_curve(Path(f"{prefix}_pr.png"), recall, precision, "recall", "precision",
                           f"AP = {ap:.3f}", diagonal=False, title=title, step=True),
