@@ -58,6 +58,9 @@ def test_torchscript_matches_eager():
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([0, 999])
     scripted = torch.jit.script(net)
     assert torch.allclose(scripted(x, t), net(x, t), atol=1e-6)
+    # exported too, so ddpm_kl's feature term works on a TorchScript model
+    for a, b in zip(scripted.encoder_features(x, t), net.encoder_features(x, t)):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_encoder_features_one_per_level():

@@ -331,7 +331,7 @@ class AnomalyUNet(nn.Module):
             out = torch.sigmoid(out)
         return out
 
-    @torch.jit.unused
+    @torch.jit.export
     def encoder_features(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Outputs of each encoder level, used as a feature extractor when no pretrained backbone is given.
 
@@ -344,11 +344,11 @@ class AnomalyUNet(nn.Module):
         """
         emb = self._embed(x, timesteps)
         h = self.conv_in(x)
-        features = []
-        for level, down in zip(self.down_levels, self.downsamplers):
-            for block, attention in zip(level.blocks, level.attentions):
-                h = attention(block(h, emb))
+        features: List[torch.Tensor] = []
+        for feature_level, feature_down in zip(self.down_levels, self.downsamplers):
+            for feature_block, feature_attention in zip(feature_level.blocks, feature_level.attentions):
+                h = feature_attention(feature_block(h, emb))
             features.append(h)
-            if not isinstance(down, nn.Identity):
-                h = down(h)
+            if not isinstance(feature_down, nn.Identity):
+                h = feature_down(h)
         return features
