@@ -197,10 +197,14 @@ class AnomalyEvaluator:
                 cases["map"].append(out["anomaly_map"][i, 0].float().cpu().numpy())
                 cases["mask"].append(batch["mask"][i, 0].cpu().numpy() > 0.5 if "mask" in batch else None)
                 cases["region"].append(region[i, 0].cpu().numpy() if region is not None else None)
-                cases["label"].append(int(labels[i]) if labels is not None else None)
+                label = int(labels[i]) if labels is not None else None
+                cases["label"].append(label)
                 cases["score"].append(float(scores[i]))
-                cases["image"].append(images[i].float().cpu().numpy())
-                cases["restoration"].append(out["restoration"][i].float().cpu().numpy())
+                # only the cases that get an overlay keep their image and restoration (a cohort of volumes
+                # would not fit in memory otherwise); the first `num_overlays` cases of each label are drawn
+                drawn = cases["label"].count(label) <= self.num_overlays
+                cases["image"].append(images[i].float().cpu().numpy() if drawn else None)
+                cases["restoration"].append(out["restoration"][i].float().cpu().numpy() if drawn else None)
                 meta = getattr(batch["image"], "meta", None) or {}
                 cases["meta"].append({k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == count else v) for k, v in meta.items() if k in _META_KEYS})
                 raw_id = batch["case_id"][i] if isinstance(batch.get("case_id"), (list, tuple)) else None
@@ -273,7 +277,6 @@ class AnomalyEvaluator:
         if self.write_maps and pixel_threshold is not None:
             # colours of the label maps (<case>_seg.nii.gz) in Slicer; the .seg.nrrd files carry their own
             io.write_color_table(maps_dir / "anomaly.ctbl", [io.ANOMALY_SEGMENT])
-        overlays_written: dict[Any, int] = {}
         records = []
         for i, case_id in enumerate(cases["case_id"]):
             anomaly_map, mask = cases["map"][i], cases["mask"][i]
@@ -299,9 +302,7 @@ class AnomalyEvaluator:
                 record["voxel_spacing"] = [float(s) for s in np.asarray(spacing)[1:4]] if spacing is not None else [1.0, 1.0, 1.0]
             if self.write_maps:
                 self._write_maps(case_id, anomaly_map, meta, cases["native"][i], maps_dir, pixel_threshold)
-            key = cases["label"][i]
-            if overlays_written.get(key, 0) < self.num_overlays:
-                overlays_written[key] = overlays_written.get(key, 0) + 1
+            if cases["image"][i] is not None:
                 if anomaly_map.ndim == 2:
                     io.save_overlay_png(overlay_dir / f"{case_id}.png", cases["image"][i], cases["restoration"][i],
                                         anomaly_map, mask, threshold=pixel_threshold, title=case_id)
