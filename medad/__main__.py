@@ -1,5 +1,7 @@
 """``python -m medad`` = the ``medad`` console script."""
 
+import sys
+
 from medad.cli import main
 
-main()
+sys.exit(main())

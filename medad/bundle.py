@@ -8,12 +8,24 @@ works from the repository root), and :func:`run` is the folder-taking front used
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["locate", "config_files", "run", "verify_metadata", "export", "schema_path", "WORKFLOWS"]
+__all__ = [
+    "locate",
+    "config_files",
+    "run",
+    "verify_metadata",
+    "export",
+    "schema_path",
+    "default_run_dir",
+    "inference_dir",
+    "WORKFLOWS",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +48,33 @@ def locate(name: str) -> str:
         if (candidate / "configs").is_dir():
             return str(candidate.resolve())
     raise FileNotFoundError(f"bundle '{name}' not found in {', '.join(str(c) for c in candidates)}.")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "data"
+
+
+def default_run_dir(bundle_name: str, dataset_dir: str | os.PathLike | None = None, *parts: Any) -> str:
+    """The default run folder ``./runs/<bundle>/<dataset-tag>[/<part>...]`` (outside the source tree).
+
+    Args:
+        bundle_name: the bundle.
+        dataset_dir: the training data folder; ``None`` (the embedded demo data) gives the tag ``demo``, a folder
+            gives ``<its name>-<8 hex digits of its absolute path>`` (readable, and two folders never collide).
+        parts: more sub-folders (e.g. the MVTec category); ``None`` entries are skipped.
+    """
+    if dataset_dir in (None, ""):
+        tag = "demo"
+    else:
+        absolute = str(Path(str(dataset_dir)).expanduser().resolve())
+        tag = f"{_slug(Path(absolute).name)}-{hashlib.sha1(absolute.encode()).hexdigest()[:8]}"
+    extra = [_slug(str(p)) for p in parts if p not in (None, "")]
+    return str(Path.cwd().joinpath("runs", bundle_name, tag, *extra))
+
+
+def inference_dir(bundle_name: str, run_dir: str | os.PathLike | None = None) -> str:
+    """Where inference writes: ``<run_dir>/inference``, or ``./runs/<bundle>/inference`` for shipped weights."""
+    return str(Path(run_dir) / "inference") if run_dir else str(Path.cwd().joinpath("runs", bundle_name, "inference"))
 
 
 def schema_path() -> str:
@@ -90,6 +129,8 @@ def run(
     bundle = _bundle_dir(config)
     files = config_files(bundle, workflow) + list(extra_configs or [])
     override.setdefault("bundle_root", str(bundle))
+    if workflow in ("inference", "evaluate"):  # rebuild the stored network; the user never repeats --quick etc.
+        override.update(_stored_settings(files, override))
     logging_file = bundle / "configs" / "logging.conf"
     monai_run(
         run_id=run_id,
@@ -98,6 +139,31 @@ def run(
         logging_file=str(logging_file) if logging_file.is_file() else None,
         **override,
     )
+
+
+def _stored_settings(files: Sequence[str], override: dict[str, Any]) -> dict[str, Any]:
+    """Overrides that rebuild the network and settings stored with the model the workflow will load.
+
+    The model is the config's ``ckpt_path`` (default ``<run_dir>/models/model.pt``, or the bundle's shipped
+    ``models/model.pt``); its record is ``run.json`` one folder up. An explicit override that disagrees with the
+    record raises :class:`~medad.engine.run_folder.RunFolderMismatchError`.
+    """
+    from monai.bundle import ConfigParser
+
+    from medad.engine.run_folder import read_run_record, settings_overrides
+
+    parser = ConfigParser()
+    parser.read_config(list(files))
+    try:
+        parser.update(dict(override))
+        ckpt_path = parser.get_parsed_content("ckpt_path")
+    except Exception:  # an unusual config: the workflow itself will report what is wrong
+        return {}
+    folder = Path(str(ckpt_path)).expanduser().resolve().parent.parent
+    record = read_run_record(folder)
+    if record is None:
+        return {}
+    return settings_overrides(record, parser.get(), override, source=str(folder / "run.json"))
 
 
 def verify_metadata(config: str | os.PathLike) -> None:
@@ -112,16 +178,20 @@ def export(config: str | os.PathLike, ckpt_file: str | None = None, filepath: st
     """Export the trained network of a bundle to TorchScript with ``monai.bundle ckpt_export``.
 
     The calibrated thresholds (``calibration.json`` beside the checkpoint, written by the evaluator) are embedded
-    in the TorchScript file, so evaluating ``model.ts`` decides exactly like ``model.pt``.
+    in the TorchScript file, so evaluating ``model.ts`` decides exactly like ``model.pt``. ``run_dir=<folder>``
+    exports that run's ``models/model.pt`` (default: the bundle's shipped weights), with the network rebuilt from
+    the run's ``run.json``.
     """
     from monai.bundle import ckpt_export
 
     from medad.engine.export import calibration_path
 
     bundle = _bundle_dir(config)
-    filepath = filepath or str(bundle / "models" / "model.ts")
-    ckpt_file = ckpt_file or str(bundle / "models" / "model.pt")
+    model_dir = Path(override["run_dir"]) / "models" if override.get("run_dir") else bundle / "models"
+    filepath = filepath or str(model_dir / "model.ts")
+    ckpt_file = ckpt_file or str(model_dir / "model.pt")
     configs = [str(bundle / "configs" / "inference.json")]
+    override.update(_stored_settings(configs, {**override, "bundle_root": str(bundle), "ckpt_path": ckpt_file}))
     if calibration_path(ckpt_file).is_file():
         configs.append(str(calibration_path(ckpt_file)))  # ckpt_export stores every config as an extra file
     ckpt_export(
@@ -134,4 +204,5 @@ def export(config: str | os.PathLike, ckpt_file: str | None = None, filepath: st
         bundle_root=str(bundle),
         **override,
     )
+    print(f"medad export: {ckpt_file} -> {filepath}", flush=True)
     return filepath

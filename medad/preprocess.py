@@ -18,7 +18,6 @@ goes on.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -195,7 +194,8 @@ def preprocess_cohort(
         raise ValueError(f"unknown normalisation {normalization!r}; choose one of {NORMALIZATION_MODES}.")
     backend_module = {"deepbet": "deepbet", "brainextractor": "brainextractor"}.get(skull_strip)
     if backend_module is not None and importlib.util.find_spec(backend_module) is None:
-        raise ImportError(f"skull-stripping backend {skull_strip!r} needs `pip install {backend_module}`.")
+        raise ImportError(f"skull-stripping backend {skull_strip!r} needs `pip install \"medad[skullstrip]\"` "
+                          f"(or `pip install {backend_module}`); --skull-strip atlas needs no extra.")
     files = sorted(p for p in input_dir.glob(glob) if p.is_file() and not p.name.startswith("."))
     if limit is not None:
         files = files[: int(limit)]
@@ -291,19 +291,9 @@ def write_montage(log: pd.DataFrame, png_path: str | os.PathLike, columns: int =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python scripts/preprocess_mri.py --input DIR --output DIR [options]``."""
-    parser = argparse.ArgumentParser(description="Preprocess a cohort of T1 brain MRI volumes to MNI152 2 mm.")
-    parser.add_argument("--input", required=True, help="folder of NIfTI volumes")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--skull-strip", default="deepbet", choices=SKULL_STRIP_BACKENDS)
-    parser.add_argument("--registration", default="affine", choices=tuple(REGISTRATION_TRANSFORMS))
-    parser.add_argument("--normalization", default="minmax", choices=NORMALIZATION_MODES)
-    parser.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
-    parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
-    parser.add_argument("--glob", default="*.nii*", help="file pattern inside --input")
-    parser.add_argument("--limit", type=int, default=None, help="process at most N files")
-    parser.add_argument("--device", default="cpu", help="torch device for deepbet")
-    parser.add_argument("--montage", default=None, help="write a PNG montage of mid-axial slices here")
-    args = parser.parse_args(argv)
+    from medad.preprocess_args import build_parser
+
+    args = build_parser().parse_args(argv)
     log = preprocess_cohort(args.input, args.output, skull_strip=args.skull_strip, registration=args.registration,
                             normalization=args.normalization, n4=not args.no_n4, overwrite=args.overwrite,
                             glob=args.glob, limit=args.limit, device=args.device)

@@ -3,7 +3,7 @@
 
 Example (the CPU benchmark on MVTec AD bottle recorded in docs/results.md)::
 
-    python scripts/benchmark.py --methods fair ddpm_partial ddpm_kl \
+    python scripts/benchmark.py --methods fair ddpm_partial ddpm_kl zscore \
         --dataset_dir ../shared/data/mvtec_ad/bottle --run_root /tmp/medad_bench --max_minutes 30
 
 For every method it runs ``python -m medad run --config bundles/<method>`` with the method's stated setting
@@ -35,6 +35,13 @@ CPU_SETTINGS: dict[str, dict[str, object]] = {
     "fair": {"quick": True, "image_size": 128, "batch_size": 8, "max_steps": 1000000},
     "disyre": {"quick": True},
     "addm": {"quick": True},
+}
+
+#: The baselines, run beside the methods (bundles/zscore, bundles/intensity): nothing is trained for a time budget,
+#: so they take no ``max_minutes``; the extra config selects the data domain of the benchmark.
+BASELINES: dict[str, dict[str, object]] = {
+    # per-pixel Gaussian of the normal training images at the real-data working size (256 px), |z|, max over RGB
+    "zscore": {"extra_configs": "industrial.json"},
 }
 
 PAPER = {
@@ -76,8 +83,10 @@ def forward_seconds(method: str, overrides: dict[str, object], batch_size: int) 
 
 
 def run_method(method: str, dataset_dir: str, run_root: Path, max_minutes: float, extra: list[str]) -> dict:
-    settings = dict(CPU_SETTINGS.get(method, {}))
-    settings["max_minutes"] = max_minutes
+    baseline = method in BASELINES
+    settings = dict(BASELINES[method] if baseline else CPU_SETTINGS.get(method, {}))
+    if not baseline:
+        settings["max_minutes"] = max_minutes
     run_dir = run_root / method
     command = [sys.executable, "-m", "medad", "run", "--config", f"bundles/{method}", "--dataset_dir", dataset_dir,
                "--run_dir", str(run_dir), *_overrides(settings), *extra]
@@ -89,11 +98,13 @@ def run_method(method: str, dataset_dir: str, run_root: Path, max_minutes: float
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     import torch
 
-    checkpoint = torch.load(run_dir / "models" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    # a baseline's model.pt holds its fitting time (zscore) or nothing (intensity); a method's checkpoint.pt its steps
+    checkpoint_file = run_dir / "models" / ("model.pt" if baseline else "checkpoint.pt")
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     calls = metrics.get("network_calls") or 0
     batch = int(settings.get("batch_size", 8))
     overhead = float("nan")
-    if calls:
+    if calls and not baseline:  # a baseline's "network" is a statistic, not a forward pass worth comparing
         one_forward = forward_seconds(method, {k: v for k, v in settings.items() if k != "max_minutes"}, batch)
         overhead = metrics["inference_seconds"] / (calls * one_forward)
     return {
@@ -125,7 +136,7 @@ def write_results(results: list[dict], dataset_dir: str, out: Path) -> None:
     for r in results:
         m = r["metrics"]
         lines.append(
-            f"| {r['method']} | {_fmt(m.get('image_auroc'))} | {_fmt(m.get('pixel_auroc'))} | {_fmt(m.get('aupro'))} | "
+            f"| {r['method']}{' (baseline)' if r['method'] in BASELINES else ''} | {_fmt(m.get('image_auroc'))} | {_fmt(m.get('pixel_auroc'))} | {_fmt(m.get('aupro'))} | "
             f"{_fmt(r['train_minutes'], 1)} ({r['train_steps']}) | {_fmt(m.get('images_per_second'), 2)} | "
             f"{_fmt(m.get('network_evaluations_per_image'), 1)} | {_fmt(r['overhead'], 2)} | "
             f"{PAPER.get((r['method'], dataset), '')} |"
@@ -141,7 +152,8 @@ def write_results(results: list[dict], dataset_dir: str, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["fair", "ddpm_partial", "ddpm_kl"])
+    parser.add_argument("--methods", nargs="+", default=["fair", "ddpm_partial", "ddpm_kl", "zscore"],
+                        help=f"bundles to run; the baselines ({', '.join(BASELINES)}) run beside the methods")
     parser.add_argument("--dataset_dir", required=True, help="an MVTec-AD-layout category folder")
     parser.add_argument("--run_root", default="/tmp/medad_benchmark", help="where checkpoints and maps go")
     parser.add_argument("--max_minutes", type=float, default=30.0, help="training budget per method (minutes)")

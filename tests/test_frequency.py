@@ -76,10 +76,37 @@ def test_highpass_scales_a_cosine_by_the_transfer_function():
     n, k = 64, 10
     x = torch.arange(n, dtype=torch.float64)
     wave = torch.cos(2 * math.pi * k * x / n).expand(n, n)[None, None].float()
-    out = highpass(wave, "butterworth", cutoff=10, order=2, cutoff_reference_size=None)
+    out = highpass(wave, "butterworth", cutoff=10, order=2, cutoff_reference_size=None, extension="periodic")
     torch.testing.assert_close(out, 0.5 * wave, atol=1e-5, rtol=0)
-    out = highpass(wave, "ideal", cutoff=12, cutoff_reference_size=None)
+    out = highpass(wave, "ideal", cutoff=12, cutoff_reference_size=None, extension="periodic")
     assert out.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("reference", [None, 64])
+def test_symmetric_extension_keeps_the_cutoff_in_cycles_per_image(reference):
+    # cos(pi k (x + 1/2) / n) is k/2 cycles per image side and its mirror extension is seamless: the default
+    # symmetric filter must scale it exactly by H(k/2), the same cutoff as the periodic filter uses.
+    n, k = 64, 20
+    x = torch.arange(n, dtype=torch.float64)
+    wave = torch.cos(math.pi * k * (x + 0.5) / n).expand(n, n)[None, None].float()
+    out = highpass(wave, "butterworth", cutoff=10, order=2, cutoff_reference_size=reference)
+    torch.testing.assert_close(out, 0.5 * wave, atol=1e-5, rtol=0)
+    assert highpass(wave, "ideal", cutoff=10.5, cutoff_reference_size=reference).abs().max() < 1e-5
+
+
+def test_symmetric_extension_removes_the_wrap_around_frame():
+    # A ramp whose left and right edges differ: the periodic FFT sees a step at the seam and puts a bright
+    # band along the borders (FAIR's border frame); the mirrored extension has no seam.
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    image = (0.2 + 0.6 * cols / 63 + 0.1 * torch.sin(rows / 5))[None, None]
+    periodic = highpass(image, cutoff=30, extension="periodic").abs()
+    symmetric = highpass(image, cutoff=30).abs()
+    interior = (..., slice(8, -8), slice(8, -8))
+    assert periodic[..., :, :2].amax() > 10 * periodic[interior].amax()
+    assert symmetric.amax() < 0.03  # only the ramp's slope kink is left at the mirror seam (the step is 0.6)
+    assert symmetric[..., :, :2].amax() < 0.1 * periodic[..., :, :2].amax()
+    with pytest.raises(ValueError, match="extension"):
+        highpass(image, extension="zeros")
 
 
 def test_sobel_of_ramps():

@@ -31,7 +31,7 @@ def _max_score(maps: torch.Tensor) -> torch.Tensor:
 def _evaluate(items: list[dict], out: Path, pixdim=None, **kwargs) -> Path:
     loader = DataLoader(Dataset(items, volume_transforms(pixdim=pixdim, intensity=None)), batch_size=1)
     AnomalyEvaluator(torch.nn.Identity(), _identity_inferer, loader, out, _max_score, num_overlays=0, progress=False,
-                     **kwargs).run()
+                     compact_maps=False, **kwargs).run()
     return out / "maps"
 
 

@@ -50,8 +50,18 @@ def _png(path: Path, array: np.ndarray) -> Path:
 
 def _nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+    image = nib.Nifti1Image(array, np.eye(4))
+    if affine is not None:
+        image.set_sform(affine, code=1)
+        image.set_qform(None, code=0)
+    nib.save(image, path)
     return path
+
+
+def _singular_affine() -> np.ndarray:
+    affine = np.eye(4)
+    affine[2, 2] = 0.0  # a collapsed axis (pixdim 0): nibabel cannot build it as qform, so it goes in the sform
+    return affine
 
 
 def _truncate(path: Path) -> Path:
@@ -84,23 +94,22 @@ def _bad_inputs(root: Path) -> dict[str, tuple[dict, str, str]]:
         "mismatched_mask": ({"image": str(_png(root / "a.png", _rgb())),
                              "mask": str(_png(root / "a_mask.png", np.zeros((12, 9), np.uint8))), "label": 1},
                             "2d", "has size (12, 9) but its image has size (12, 12)"),
-        "empty_mask": ({"image": str(_png(root / "b.png", _rgb())),
-                        "mask": str(_png(root / "b_mask.png", np.zeros((12, 12), np.uint8))), "label": 1},
-                       "2d", "the mask is empty although it marks"),
+        "singular_affine": ({"image": str(_nifti(root / "z.nii.gz", volume, _singular_affine()))}, "3d",
+                            "the affine (voxel-to-world matrix) is singular"),
         "mismatched_volume_mask": ({"image": str(_nifti(root / "v.nii.gz", volume)),
                                     "mask": str(_nifti(root / "v_mask.nii.gz", np.ones((6, 5, 3), np.float32))),
                                     "label": 1}, "3d", "has size (6, 5, 3) but its image has size (6, 5, 4)"),
     }
     (root / "x.png").write_bytes(b"this is not an image")
-    for name in ("truncated_nifti", "4d_nifti", "nan_nifti", "2d_nifti", "truncated_png", "not_a_png"):
+    for name in ("truncated_nifti", "4d_nifti", "nan_nifti", "2d_nifti", "truncated_png", "not_a_png", "singular_affine"):
         cases[name][0]["bad"] = cases[name][0]["image"]
-    for name in ("mismatched_mask", "empty_mask", "mismatched_volume_mask"):
+    for name in ("mismatched_mask", "mismatched_volume_mask"):
         cases[name][0]["bad"] = cases[name][0]["mask"]
     return cases
 
 
 BAD = ["truncated_nifti", "4d_nifti", "nan_nifti", "2d_nifti", "truncated_png", "not_a_png", "mismatched_mask",
-       "empty_mask", "mismatched_volume_mask"]
+       "singular_affine", "mismatched_volume_mask"]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -329,3 +338,55 @@ def test_dicom_series_input_keeps_no_patient_identifier(tmp_path: Path, caplog, 
             texts.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
     for identifier in PATIENT.values():
         assert not any(identifier.encode() in text for text in texts), identifier
+
+
+def test_every_bad_file_of_a_dataset_is_named_in_one_error(tmp_path: Path):
+    for i in range(4):
+        _png(tmp_path / "pictures" / f"{i}.png", _rgb(i))
+    bad = [_truncate(tmp_path / "pictures" / f"{i}.png") for i in (0, 2, 3)]
+    with pytest.raises(InvalidInputError) as error:
+        image_folder_loader(tmp_path / "pictures", image_size=8)
+    message = str(error.value)
+    assert message.startswith("3 input files cannot be used") and "\n" not in message
+    assert all(f"{path}: not a readable image file" in message for path in bad)
+
+
+def test_a_singular_affine_is_refused_before_training_or_any_output(tmp_path: Path):
+    volume = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    good = _nifti(tmp_path / "in" / "a.nii.gz", volume)
+    bad = _nifti(tmp_path / "in" / "b.nii.gz", volume, _singular_affine())
+    before = _digests(tmp_path / "in")
+    with pytest.raises(InvalidInputError, match=f"^{bad}: the affine .* is singular"):
+        nifti_datalist(tmp_path / "in")  # training and test datalists alike
+    items = nifti_datalist(tmp_path / "in", check=False)
+    loader = DataLoader(Dataset(items, volume_transforms(intensity=None)), batch_size=1)
+    with pytest.raises(InvalidInputError, match=f"^{bad}: the affine"):
+        _evaluate(loader, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and str(good) != str(bad)  # nothing written, not even the first case
+    assert _digests(tmp_path / "in") == before
+
+
+def test_an_empty_mask_keeps_its_case_anomalous_with_one_warning(tmp_path: Path, caplog):
+    root = tmp_path / "widget"
+    _png(root / "test" / "good" / "000.png", _rgb(0))
+    for i in range(2):
+        _png(root / "test" / "hole" / f"{i:03d}.png", _rgb(i + 1))
+        _png(root / "ground_truth" / "hole" / f"{i:03d}_mask.png", np.zeros((12, 12), np.uint8))
+    items = mvtec_datalist(root, split="test")
+    from medad.data import check_files
+
+    with caplog.at_level(logging.WARNING, logger="medad.data"):
+        check_files(items)
+        loaded = [image_transforms(8)(item) for item in items]
+    warnings = [r.getMessage() for r in caplog.records if "are empty" in r.getMessage()]
+    assert len(warnings) == 1 and all(item["mask"] in warnings[0] for item in items if item["label"] == 1)
+    assert [int(item["label"]) for item in loaded] == [0, 1, 1] and not any(item["mask"].any() for item in loaded)
+
+
+def test_a_picture_of_another_aspect_ratio_warns_once(tmp_path: Path, caplog):
+    _png(tmp_path / "p" / "wide.png", (np.random.default_rng(0).random((10, 20, 3)) * 255).astype(np.uint8))
+    _png(tmp_path / "p" / "square.png", _rgb())
+    with caplog.at_level(logging.WARNING, logger="medad.data"):
+        image_folder_loader(tmp_path / "p", image_size=8)
+    warnings = [r.getMessage() for r in caplog.records if "aspect ratio" in r.getMessage()]
+    assert len(warnings) == 1 and "1 picture(s)" in warnings[0] and "wide.png, 10x20 px" in warnings[0]

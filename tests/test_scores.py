@@ -9,6 +9,9 @@ from skimage.color import rgb2lab
 
 from medad.scores import (
     absolute_error_map,
+    border_area_share,
+    border_mask,
+    border_top_share,
     cielab_color_map,
     default_pool_kernel,
     fair_anomaly_map,
@@ -173,8 +176,37 @@ def test_fair_map_is_smoothed_msgms_plus_weighted_color():
     assert fair_anomaly_map(x, x.clone()).abs().max() < 1e-6
     y = x.clone()
     y[:, 0, 10:30, 10:30] = 1.0
-    expected = mean_filter(msgms_map(x, y) + 0.0003 * cielab_color_map(x, y), 21)
+    expected = mean_filter(msgms_map(x, y) + 0.0003 * cielab_color_map(x, y), 21, "reflect")
     out = fair_anomaly_map(x, y)
     torch.testing.assert_close(out, expected)
     assert out.shape == (1, 1, 48, 48)
     assert max_score(out)[0] > max_score(fair_anomaly_map(x, y, color_weight=0.0))[0]
+
+
+def test_border_statistic_on_synthetic_maps():
+    assert border_area_share((256, 256), 8) == pytest.approx(1 - (240 / 256) ** 2)
+    assert border_mask((4, 4, 4), 1).sum() == 64 - 8
+    frame = torch.rand(3, 1, 64, 64) * 0.1
+    frame[..., :3, :] += 1.0  # a bright band along the top border
+    assert torch.equal(border_top_share(frame, 8, 0.01), torch.ones(3))
+    blob = torch.rand(3, 1, 64, 64) * 0.1
+    blob[..., 28:36, 28:36] += 1.0
+    assert torch.equal(border_top_share(blob, 8, 0.01), torch.zeros(3))
+    noise = torch.rand(50, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert border_top_share(noise, 8, 0.01).mean() == pytest.approx(border_area_share((64, 64), 8), abs=0.03)
+    assert border_top_share(torch.rand(2, 1, 8, 16, 16), 2, 0.05).shape == (2,)
+
+
+def test_msgms_replicate_padding_compares_gradients_not_intensities_at_the_border():
+    # A restoration uniformly a little darker has the same gradients: no anomaly anywhere. FAIR's zero-padded
+    # Prewitt filters see the step to 0 at the border and turn the offset into a frame.
+    x = 0.5 + 0.05 * torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = x - 0.1
+    assert msgms_map(x, y).abs().max() < 1e-6
+    official = msgms_map(x, y, padding_mode="zeros")
+    assert official[..., 0, :].mean() > 0.01 and official[..., 8:-8, 8:-8].abs().max() < 1e-6
+    assert border_top_share(fair_anomaly_map(x, y, mean_filter_size=5, padding_mode="zeros",
+                                             gradient_padding_mode="zeros")) == 1.0
+    assert fair_anomaly_map(x, y, mean_filter_size=5).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="padding mode"):
+        msgms_map(x, y, padding_mode="circle")

@@ -10,7 +10,15 @@ from medad.data.nifti import (
     nifti_stem,
     volume_transforms,
 )
-from medad.data.validation import CheckInputd, InvalidInputError, LoadInputd, clear_input_errors, input_error
+from medad.data.validation import (
+    CheckInputd,
+    InvalidInputError,
+    LoadInputd,
+    affine_problem,
+    check_files,
+    clear_input_errors,
+    input_error,
+)
 from medad.data.transforms import (
     DropNoneKeysd,
     EnsureMaskd,
@@ -25,6 +33,8 @@ from medad.data.transforms import (
 __all__ = [
     "BRAIN_MASK_SUFFIXES",
     "CheckInputd",
+    "affine_problem",
+    "check_files",
     "InvalidInputError",
     "LoadInputd",
     "clear_input_errors",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medad.data.validation import MAX_REPORTED
+
 __all__ = ["IMAGE_EXTENSIONS", "mvtec_datalist", "split_train_val"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -59,10 +61,11 @@ def mvtec_datalist(
     Returns:
         items sorted by defect then file name, each
         ``{"image": str, "mask": str | None, "label": 0 | 1, "defect": str, "case_id": "<defect>/<stem>"}``;
-        ``mask`` is None for normal images, ``label`` is 1 for every defect folder.
+        ``mask`` is None for normal images, ``label`` is 1 for every defect folder (also when its mask is empty:
+        :func:`medad.data.validation.check_files` then warns, and the case adds no positive pixel).
 
     Raises:
-        FileNotFoundError: the folder is missing, holds no images, or a defect image has no mask.
+        FileNotFoundError: the folder is missing or holds no images, or defect images have no mask (all named).
         ValueError: ``split`` is not ``"train"`` or ``"test"``.
     """
     if split not in ("train", "test"):
@@ -77,6 +80,7 @@ def mvtec_datalist(
 
     defects = [_NORMAL] if split == "train" else sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     items: list[dict] = []
+    missing: list[str] = []
     for defect in defects:
         folder = split_dir / defect
         if not folder.is_dir():
@@ -86,10 +90,8 @@ def mvtec_datalist(
             if defect != _NORMAL:
                 found = _find_mask(category_dir / "ground_truth", defect, image.stem, extensions)
                 if found is None:
-                    raise FileNotFoundError(
-                        f"defect image {image} has no mask: expected "
-                        f"{category_dir / 'ground_truth' / defect / (image.stem + '_mask.png')}."
-                    )
+                    missing.append(f"{image} (expected {category_dir / 'ground_truth' / defect / (image.stem + '_mask.png')})")
+                    continue
                 mask = str(found)
             items.append(
                 {
@@ -100,6 +102,9 @@ def mvtec_datalist(
                     "case_id": f"{defect}/{image.stem}",
                 }
             )
+    if missing:  # every missing mask at once (up to MAX_REPORTED), not only the first
+        shown = ", ".join(missing[:MAX_REPORTED]) + (f" and {len(missing) - MAX_REPORTED} more" if len(missing) > MAX_REPORTED else "")
+        raise FileNotFoundError(f"{len(missing)} defect image(s) have no mask: {shown}.")
     if not items:
         raise FileNotFoundError(f"no images found in {split_dir}: {layout_hint}.")
     return items

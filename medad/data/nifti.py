@@ -31,7 +31,7 @@ from monai.transforms import (
 )
 
 from medad.data.transforms import DropNoneKeysd, EnsureMaskd
-from medad.data.validation import CheckInputd, LoadInputd
+from medad.data.validation import CheckInputd, LoadInputd, check_files
 
 __all__ = [
     "MASK_SUFFIXES",
@@ -108,6 +108,7 @@ def nifti_datalist(
     brain_mask_dir: str | Path | None = None,
     brain_mask_suffixes: Sequence[str] = BRAIN_MASK_SUFFIXES,
     require_masks: bool = False,
+    check: bool = True,
 ) -> list[dict]:
     """List NIfTI volumes with their lesion masks and brain masks (matching rule: module docstring).
 
@@ -119,6 +120,8 @@ def nifti_datalist(
         brain_mask_dir: folder (searched recursively) of brain masks, or None.
         brain_mask_suffixes: name endings that mark a brain mask.
         require_masks: raise when an image has no lesion mask (instead of ``mask=None``).
+        check: read every file's header first (:func:`medad.data.validation.check_files`): unreadable files and
+            singular / non-finite affines are reported together, before anything is computed.
 
     Returns:
         items sorted by path: ``{"image": str, "mask": str | None, "brain_mask": str | None,
@@ -156,6 +159,8 @@ def nifti_datalist(
                 "label": int(mask is not None),
             }
         )
+    if check:
+        check_files(items)
     return items
 
 
@@ -210,6 +215,7 @@ def volume_transforms(
     image_key: str = "image",
     mask_key: str = "mask",
     brain_mask_key: str = "brain_mask",
+    anti_aliasing: bool = True,
 ) -> Compose:
     """Load NIfTI volumes (and masks) from a ``nifti_datalist`` item, keeping the affine in the meta.
 
@@ -225,6 +231,8 @@ def volume_transforms(
             (``ScalePercentilesInMaskd``); None leaves intensities as stored (already preprocessed).
         lower, upper: percentiles for ``intensity="percentile"``.
         image_key, mask_key, brain_mask_key: datalist keys.
+        anti_aliasing: with ``pixdim``, low-pass the image before it is resampled to a coarser grid
+            (:class:`medad.transforms.mri.GaussianAntiAliasd`, scikit-image's ``anti_aliasing`` rule).
     """
     keys = [image_key, mask_key, brain_mask_key]
     transforms: list = [
@@ -236,6 +244,10 @@ def volume_transforms(
         Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
     ]
     if pixdim is not None:
+        if anti_aliasing:  # Gaussian pre-filter where the new grid is coarser (lazy import: no cycle with medad.data)
+            from medad.transforms.mri import GaussianAntiAliasd
+
+            transforms.append(GaussianAntiAliasd(image_key, pixdim=pixdim))
         transforms.append(
             Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True)
         )

@@ -7,13 +7,21 @@ from .evaluator import AnomalyEvaluator, calibrate_thresholds
 from .export import export_torchscript, load_torchscript, read_calibration, weights_fingerprint
 from .grids import to_image_size, to_input_grid, to_native_space
 from .steps import DiffusionStep
-from .trainer import Trainer, warmup_cosine_schedule
+from .monitor import LearningMonitor
+from .schedules import MultiStepProgressLR, ProgressScheduler, WarmupCosineProgressLR, step_decay_schedule
+from .trainer import Trainer, TrainingInterrupted, warmup_cosine_schedule
 
 __all__ = [
     "AnomalyEvaluator",
     "CheckpointMismatchError",
     "DiffusionStep",
+    "LearningMonitor",
+    "MultiStepProgressLR",
+    "ProgressScheduler",
     "Trainer",
+    "TrainingInterrupted",
+    "WarmupCosineProgressLR",
+    "step_decay_schedule",
     "all_reduce_mean",
     "barrier",
     "calibrate_thresholds",

@@ -12,7 +12,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from .distributed import is_distributed, main_process_first
 
-__all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "optimizer"]
+__all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "slice_augmentation", "optimizer"]
 
 
 def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False) -> DataLoader:
@@ -27,6 +27,10 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, 
         num_workers=num_workers,
         drop_last=drop_last,
     )
+
+
+def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
 
 
 def image_loaders(
@@ -81,6 +85,8 @@ def image_loaders(
     if max_train_images:
         train_list = train_list[: int(max_train_images)]
     test_list = data.mvtec_datalist(root, category, split="test")
+    # every file's header before any decoding: all bad files in one error, one warning for empty masks
+    data.check_files(train_list + val_list + test_list, image_size=_size_hw(image_size))
     train_tf = data.image_transforms(image_size, channels, augment=augment, rotate90=rotate90)
     eval_tf = data.image_transforms(image_size, channels, augment=False)
     # Decoding and resizing are deterministic: cache them once (CacheDataset stops at the first random transform).
@@ -119,7 +125,46 @@ def image_folder_loader(
         {"image": str(p), "mask": None, "case_id": str(p.relative_to(root).with_suffix("")).replace(os.sep, "_")}
         for p in files
     ]
+    data.check_files(items, image_size=_size_hw(image_size))
     return _loader(Dataset(items, data.image_transforms(image_size, channels, augment=False)), batch_size, False, num_workers)
+
+
+def slice_augmentation(image_key: str = "image", brain_mask_key: str = "brain_mask", patch_size: Sequence[int] | None = None) -> list:
+    """DISYRE's official training augmentation of 2D slices, as MONAI ``Rand*d`` transforms.
+
+    The official loader (``snavalm/disyre`` ``preprocessing/preprocessing.py``, batchgenerators) applies, per
+    sample: elastic deformation, rotation ±15° and scaling 0.75-1.25 (each p = 0.1), mirroring on every axis
+    (p = 0.5 each), then multiplicative brightness 0.9-1.1, gamma 0.5-2 and inverted gamma 0.5-2, Gaussian noise
+    (variance up to 0.05) and Gaussian blur σ 0.5-1.5 (each p = 0.15), and clips to [0, 1]. The spatial part moves
+    the image (bilinear) and the brain mask (nearest) together; the intensity part touches the image only.
+    Deviations: MONAI's elastic field (control points every ``patch/8`` pixels, displacement 0-``patch/16``) for
+    batchgenerators' (σ and magnitude drawn per case), bilinear instead of cubic image interpolation, noise std
+    drawn uniformly in [0, √0.05] rather than its variance.
+    """
+    import functools
+    import math
+
+    from monai import transforms as mt
+
+    keys = [image_key, brain_mask_key]
+    side = min(patch_size) if patch_size else 128
+    modes = ("bilinear", "nearest")
+    return [
+        mt.Rand2DElasticd(keys, spacing=(max(2, side // 8),) * 2, magnitude_range=(0.0, max(1.0, side / 16)), prob=0.1,
+                          mode=modes, padding_mode="zeros"),
+        mt.RandRotated(keys, range_x=math.radians(15), prob=0.1, mode=modes, padding_mode="zeros"),
+        mt.RandZoomd(keys, min_zoom=0.75, max_zoom=1.25, prob=0.1, mode=("bilinear", "nearest"), padding_mode="constant",
+                     keep_size=True),
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+        mt.RandScaleIntensityd(image_key, factors=0.1, prob=0.15),
+        mt.RandAdjustContrastd(image_key, gamma=(0.5, 2.0), prob=0.15),
+        mt.RandAdjustContrastd(image_key, gamma=(0.5, 2.0), prob=0.15, invert_image=True, retain_stats=True),
+        mt.RandGaussianNoised(image_key, prob=0.15, mean=0.0, std=math.sqrt(0.05)),
+        mt.RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=0.15),
+        mt.Lambdad(image_key, functools.partial(torch.clamp, min=0.0, max=1.0)),
+        mt.EnsureTyped(keys, dtype=torch.float32),
+    ]
 
 
 def slice_training_transforms(
@@ -128,12 +173,14 @@ def slice_training_transforms(
     size_divisor: int,
     image_key: str = "image",
     brain_mask_key: str = "brain_mask",
+    augment: bool = False,
 ) -> list:
     """Random axial slices (through the brain) of a loaded ``(1, X, Y, Z)`` volume, as ``(1, H, W)`` patches.
 
     Slices are centred on brain voxels (``RandCropByPosNegLabeld`` on the brain mask), so training never sees
     empty slices; each is zero-padded to a multiple of ``size_divisor`` and, with ``patch_size``, randomly cropped
-    (DISYRE trains on 128² patches of axial slices).
+    (DISYRE trains on 128² patches of axial slices). ``augment`` adds DISYRE's official spatial and intensity
+    augmentation (:func:`slice_augmentation`) to image and brain mask alike.
     """
     from monai import transforms as mt
 
@@ -145,6 +192,8 @@ def slice_training_transforms(
     ]
     if patch_size is not None:
         chain += [mt.SpatialPadd(keys, spatial_size=tuple(patch_size)), mt.RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False)]
+    if augment:
+        chain += slice_augmentation(image_key, brain_mask_key, patch_size)
     chain.append(mt.DivisiblePadd(keys, k=size_divisor))
     return chain
 
@@ -166,6 +215,9 @@ def volume_loaders(
     demo_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     cache: bool = True,
+    augment: bool = False,
+    check_space: bool = True,
+    space_tolerance: float = 0.1,
 ) -> dict[str, DataLoader]:
     """Brain-MRI loaders: 2D axial-slice training batches from healthy volumes; whole volumes for calibration/test.
 
@@ -181,6 +233,10 @@ def volume_loaders(
         size_divisor: slices are padded to a multiple of this (the UNet's ``2 ** (levels - 1)``).
         val_fraction: healthy volumes held out for threshold calibration.
         demo_dir / demo_kwargs: the embedded demo (:func:`medad.data.make_demo_mri`) when ``dataset_dir`` is None.
+        augment: DISYRE's official spatial + intensity training augmentation (:func:`slice_augmentation`).
+        check_space: warn, naming the file, when a test volume's brain volume or extent is more than
+            ``space_tolerance`` outside the training volumes' range (not preprocessed into the same space:
+            :class:`medad.transforms.mri.CheckBrainGeometryd`).
 
     Returns:
         ``{"train", "val", "test"}``: ``train`` yields ``image``/``brain_mask`` (B·S, 1, H, W); ``val`` and ``test``
@@ -203,7 +259,13 @@ def volume_loaders(
         item["label"] = int(item.get("mask") is not None)
 
     load = data.volume_transforms(pixdim=pixdim, intensity=intensity)
-    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor)])
+    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor, augment=augment)])
+    test_tf = load
+    if check_space and test_list:
+        from medad.transforms.mri import CheckBrainGeometryd, brain_geometry_range
+
+        reference = brain_geometry_range(train_list + val_list)
+        test_tf = mt.Compose([load, CheckBrainGeometryd("brain_mask", reference, tolerance=space_tolerance)])
     dataset_type = CacheDataset if cache else Dataset
     kwargs = {"progress": False} if cache else {}
     loaders = {
@@ -211,5 +273,5 @@ def volume_loaders(
         "val": _loader(Dataset(val_list, load), 1, False, num_workers),
     }
     if test_list:
-        loaders["test"] = _loader(Dataset(test_list, load), 1, False, num_workers)
+        loaders["test"] = _loader(Dataset(test_list, test_tf), 1, False, num_workers)
     return loaders

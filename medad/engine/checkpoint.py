@@ -43,7 +43,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint written by :func:`save_checkpoint` (or a bare network state dict)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; train the bundle first or pass --ckpt_path.")
+        raise FileNotFoundError(f"{path}: checkpoint not found; train the bundle first or pass the --run_dir of a trained run.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch raises several types for truncated/corrupt files

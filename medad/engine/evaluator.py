@@ -6,11 +6,15 @@ pools them, :mod:`medad.metrics` measures them and :mod:`medad.io` writes them.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from medad import metrics
-from medad.data.validation import clear_input_errors
+from medad.data.validation import check_files, clear_input_errors
 from medad.inferers.base import CountingNetwork
 
 from . import export, grids
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import is_main_process, unwrap
 
-__all__ = ["AnomalyEvaluator", "calibrate_thresholds"]
+__all__ = ["SAVE_MAPS", "AnomalyEvaluator", "calibrate_thresholds"]
 
 logger = logging.getLogger("medad.evaluate")
 
@@ -34,6 +38,12 @@ logger = logging.getLogger("medad.evaluate")
 _META_KEYS = ("filename_or_obj", "affine", "pixdim", "original_affine", "spatial_shape", "height", "width")
 # Per-case datalist entries for native-space output (preprocessed MRI).
 _NATIVE_KEYS = ("registration_record", "native_image")
+#: ``save_maps`` choices: which cases get map / segmentation files.
+SAVE_MAPS = ("none", "anomalous", "all")
+# Compact per-case data under the output folder, kept so that a rerun skips finished cases and still measures the
+# pooled metrics over every case.
+_CASE_DATA = "case_data"
+_PARTIAL_TABLE = "cases_partial.csv"
 
 
 def _case_ids(batch: Mapping[str, Any], count: int, offset: int) -> list[str]:
@@ -41,6 +51,30 @@ def _case_ids(batch: Mapping[str, Any], count: int, offset: int) -> list[str]:
     if ids is None:
         return [f"case_{offset + i:04d}" for i in range(count)]
     return [str(i).replace("/", "_") for i in ids]
+
+
+def _group(batch: Mapping[str, Any], index: int, label: int | None) -> str:
+    """Overlay group of a case: its defect type (MVTec ``defect`` / ``defect_type`` field), else its label."""
+    for key in ("defect_type", "defect"):
+        values = batch.get(key)
+        if isinstance(values, (list, tuple)) and index < len(values) and values[index] is not None:
+            return str(values[index])
+    return {None: "unlabelled", 0: "normal", 1: "anomalous"}.get(label, str(label))
+
+
+def _settings(obj: Any) -> dict[str, Any]:
+    """Plain-valued attributes of an inferer / score, for the resume signature (what changes the maps)."""
+    values = {"type": f"{type(obj).__module__}.{getattr(type(obj), '__qualname__', type(obj).__name__)}"}
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        values["function"] = f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    for key, value in sorted(getattr(obj, "__dict__", {}).items()):
+        if isinstance(value, (bool, int, float, str, type(None))) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value)
+        ):
+            values[key] = value
+        elif isinstance(value, torch.nn.Module) or callable(value):
+            values[key] = _settings(value)
+    return values
 
 
 def _region(batch: Mapping[str, Any], key: str | None, images: torch.Tensor) -> torch.Tensor | None:
@@ -81,11 +115,19 @@ def calibrate_thresholds(
 class AnomalyEvaluator:
     """Run a trained model over a test set: anomaly maps, image scores, metrics, files.
 
+    Cases are written as they are done: each case's map / segmentation / overlay files, its compact data
+    (``case_data/<case>.npz``: the map on the loaded grid, ground truth, region and its table row) and the table of
+    the cases finished so far (``cases_partial.csv``, rewritten atomically). A rerun on the same output folder with
+    the same weights, calibration and inferer settings skips the finished cases (a changed setting discards them)
+    and still writes the complete ``cases.csv`` and ``metrics.json`` over all cases. Every batch of cases is
+    inferred under its own seed (``seed`` + batch index), so a resumed evaluation gives the same maps as an
+    uninterrupted one, also for stochastic inferers.
+
     Args:
         network: the trained network.
         inferer: a :class:`~medad.inferers.AnomalyInferer` (possibly sliding-window / slice-wise).
         test_loader: batches with ``image`` (B, C, *spatial) and optionally ``mask``, ``label``, ``case_id``,
-            the region key.
+            ``defect`` / ``defect_type`` and the region key.
         output_dir: where ``metrics.json``, ``cases.csv/.parquet``, maps and overlays go.
         image_score: ``(B, 1, *spatial) map -> (B,) score`` (e.g. :class:`medad.scores.PooledMaxScore`).
         device: inference device.
@@ -97,8 +139,15 @@ class AnomalyEvaluator:
         calibration_loader: normal-only validation batches for thresholds (skipped when the checkpoint has them).
         image_fpr / pixel_fpr: false-positive rates of the calibrated thresholds.
         region_key: pixels to evaluate: a batch key (``"brain_mask"``), ``"foreground"`` (nonzero input) or None.
-        write_maps: write per-case map / segmentation files (NRRD for 2D, NIfTI + seg.nrrd for 3D).
-        num_overlays: PNG overlays for the first cases of each label.
+        foreground_key: batch key of a mask handed to the inferer as ``foreground=`` (MRI: ``"brain_mask"``, used
+            for DISYRE's foreground weighting and zero background instead of "input > 0"); None: not passed.
+        save_maps: which cases get map and segmentation files: ``"all"`` (default), ``"anomalous"`` (cases whose
+            image score reaches the calibrated threshold, and cases labelled anomalous) or ``"none"``.
+        write_maps: False is the same as ``save_maps="none"`` (older configs).
+        compact_maps: store maps with float16 precision (10 mantissa bits; float32 range and file type, so every
+            viewer reads them) inside gzip-compressed files: about half the size; metrics always use full precision.
+        num_overlays: PNG overlays for the first ``num_overlays`` cases of each defect type (the MVTec ``defect``
+            field; else each label: normal / anomalous).
         fpr_limit: AUPRO integration limit.
         progress: tqdm bar.
         registration_dir: preprocessing transforms folder (``<dir>/<case_id>/registration.json``, as written by
@@ -107,8 +156,12 @@ class AnomalyEvaluator:
             its item's ``native_image`` when given, else the recorded native grid).
         input_grid: write maps on the INPUT file's grid (3D: shape and affine of the file, undoing the loaders'
             reorientation / resampling; 2D: the picture's size). False writes them on the loaded grid.
+        resume: skip the cases an earlier run into the same ``output_dir`` finished (same signature).
+        seed: base seed of the per-batch seeds.
 
-    Written maps are on the input's grid; metrics are computed on the loaded grid (where the model works).
+    Written maps are on the input's grid, and so are the table's ``anomaly_area_px`` / ``anomaly_volume_ml`` (the
+    written segmentation's pixels / voxels, with the input file's voxel size); metrics (AUROC, AP, Dice, ...) are
+    computed on the loaded grid, where the model works.
     """
 
     def __init__(
@@ -125,13 +178,20 @@ class AnomalyEvaluator:
         image_fpr: float = 0.05,
         pixel_fpr: float = 0.01,
         region_key: str | None = None,
+        foreground_key: str | None = None,
+        save_maps: str = "all",
         write_maps: bool = True,
-        num_overlays: int = 4,
+        compact_maps: bool = True,
+        num_overlays: int = 2,
         fpr_limit: float = 0.3,
         progress: bool = True,
         registration_dir: str | os.PathLike | None = None,
         input_grid: bool = True,
+        resume: bool = True,
+        seed: int = 0,
     ) -> None:
+        if save_maps not in SAVE_MAPS:
+            raise ValueError(f"save_maps must be one of {', '.join(SAVE_MAPS)}, got {save_maps!r}.")
         self.network = network
         self.inferer = inferer
         self.test_loader = test_loader
@@ -144,12 +204,16 @@ class AnomalyEvaluator:
         self.image_fpr = image_fpr
         self.pixel_fpr = pixel_fpr
         self.region_key = region_key
-        self.write_maps = write_maps
-        self.num_overlays = num_overlays
+        self.foreground_key = foreground_key
+        self.save_maps = save_maps if write_maps else "none"
+        self.compact_maps = compact_maps
+        self.num_overlays = int(num_overlays)
         self.fpr_limit = fpr_limit
         self.progress = progress
         self.registration_dir = registration_dir
         self.input_grid = input_grid
+        self.resume = resume
+        self.seed = int(seed)
         self.calibration: dict[str, float] | None = None
 
     # -- model -------------------------------------------------------------------------------------
@@ -173,54 +237,81 @@ class AnomalyEvaluator:
         state = load_network_weights(unwrap(self.network), self.checkpoint_path, self.bundle, self.device)
         self.calibration = state.get("calibration")
 
-    @torch.no_grad()
-    def infer(self, loader: Iterable[Mapping[str, Any]], desc: str) -> dict[str, Any]:
-        """Maps, scores and bookkeeping for every case of ``loader``."""
-        network = CountingNetwork(unwrap(self.network).to(self.device).eval())
-        cases: dict[str, list[Any]] = {k: [] for k in ("case_id", "map", "mask", "region", "label", "score", "image", "restoration", "meta", "native", "seconds")}
-        seconds = 0.0
-        for batch in tqdm(clear_input_errors(loader), desc=desc, disable=not (self.progress and is_main_process())):
-            # a plain tensor for the network (MetaTensor ops also update meta data, slowly); meta is read below
+    @contextlib.contextmanager
+    def _seeded(self, batch_index: int) -> Iterator[None]:
+        # each batch draws its noise from its own seed: the maps do not depend on which batches ran before
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + batch_index)
+            yield
+
+    def _batches(
+        self, loader: Iterable[Mapping[str, Any]], network: CountingNetwork, desc: str,
+        batch_indices: Sequence[int] | None = None, skip: Callable[[list[str]], bool] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Infer ``loader`` batch by batch; yields the cases of each batch as dicts (maps as numpy arrays)."""
+        seen = 0
+        bar = tqdm(clear_input_errors(loader), desc=desc, disable=not (self.progress and is_main_process()))
+        for position, batch in enumerate(bar):
+            batch_index = batch_indices[position] if batch_indices is not None else position
             image = batch["image"]
+            count = image.shape[0]
+            ids = _case_ids(batch, count, seen)
+            seen += count
+            if skip is not None and skip(ids):
+                continue
+            # a plain tensor for the network (MetaTensor ops also update meta data, slowly); meta is read below
             images = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(self.device)
+            items, calls = network.items, network.calls
             start = time.perf_counter()
-            out = self.inferer(images, network)
+            with self._seeded(batch_index):
+                extra = {}
+                if self.foreground_key is not None:  # e.g. the brain mask, for the inferer's foreground weighting
+                    fg = batch[self.foreground_key]
+                    extra["foreground"] = (fg.as_tensor() if hasattr(fg, "as_tensor") else fg).to(self.device)
+                out = self.inferer(images, network, **extra)
             scores = self.image_score(out["anomaly_map"]).reshape(-1)
             elapsed = time.perf_counter() - start
-            seconds += elapsed
             region = _region(batch, self.region_key, images)
-            count = images.shape[0]
-            ids = _case_ids(batch, count, len(cases["case_id"]))
             labels = batch.get("label")
+            meta = getattr(batch["image"], "meta", None) or {}
+            cases = []
             for i in range(count):
-                cases["case_id"].append(ids[i])
-                cases["map"].append(out["anomaly_map"][i, 0].float().cpu().numpy())
-                cases["mask"].append(batch["mask"][i, 0].cpu().numpy() > 0.5 if "mask" in batch else None)
-                cases["region"].append(region[i, 0].cpu().numpy() if region is not None else None)
                 label = int(labels[i]) if labels is not None else None
-                cases["label"].append(label)
-                cases["score"].append(float(scores[i]))
-                # only the cases that get an overlay keep their image and restoration (a cohort of volumes
-                # would not fit in memory otherwise); the first `num_overlays` cases of each label are drawn
-                drawn = cases["label"].count(label) <= self.num_overlays
-                cases["image"].append(images[i].float().cpu().numpy() if drawn else None)
-                cases["restoration"].append(out["restoration"][i].float().cpu().numpy() if drawn else None)
-                meta = getattr(batch["image"], "meta", None) or {}
-                cases["meta"].append({k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == count else v) for k, v in meta.items() if k in _META_KEYS})
-                raw_id = batch["case_id"][i] if isinstance(batch.get("case_id"), (list, tuple)) else None
-                native = {"case_id": raw_id}
+                native = {"case_id": batch["case_id"][i] if isinstance(batch.get("case_id"), (list, tuple)) else None}
                 for key in _NATIVE_KEYS:
                     value = batch.get(key)
                     native[key] = value[i] if isinstance(value, (list, tuple)) and len(value) == count else None
-                cases["native"].append(native)
-                cases["seconds"].append(elapsed / count)
-        num_cases = max(1, len(cases["case_id"]))
-        cases["timing"] = {
-            "inference_seconds": seconds,
-            "images_per_second": len(cases["case_id"]) / seconds if seconds > 0 else math.nan,
-            "network_evaluations_per_image": network.items / num_cases,
-            "network_calls": network.calls,
-        }
+                cases.append({
+                    "case_id": ids[i],
+                    "map": out["anomaly_map"][i, 0].float().cpu().numpy(),
+                    "mask": batch["mask"][i, 0].cpu().numpy() > 0.5 if "mask" in batch else None,
+                    "region": region[i, 0].cpu().numpy() if region is not None else None,
+                    "label": label,
+                    "group": _group(batch, i, label),
+                    "score": float(scores[i]),
+                    # image and restoration stay on the device side until the case is drawn (or dropped)
+                    "image": images[i], "restoration": out["restoration"][i],
+                    "meta": {k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == count else v)
+                             for k, v in meta.items() if k in _META_KEYS},
+                    "native": native,
+                    "seconds": elapsed / count,
+                    # the batch's network use is booked on its first case (whole numbers; batches are kept whole)
+                    "network_items": network.items - items if i == 0 else 0,
+                    "network_calls": network.calls - calls if i == 0 else 0,
+                })
+            yield cases
+
+    @torch.no_grad()
+    def infer(self, loader: Iterable[Mapping[str, Any]], desc: str) -> dict[str, Any]:
+        """Maps, scores and bookkeeping for every case of ``loader``, in memory (used for calibration)."""
+        network = CountingNetwork(unwrap(self.network).to(self.device).eval())
+        keys = ("case_id", "map", "mask", "region", "label", "score", "seconds")
+        cases: dict[str, list[Any]] = {k: [] for k in keys}
+        for batch in self._batches(loader, network, desc):
+            for case in batch:
+                for key in keys:
+                    cases[key].append(case[key])
         return cases
 
     def calibrate(self) -> dict[str, float] | None:
@@ -268,60 +359,80 @@ class AnomalyEvaluator:
         result.update(cases["timing"])
         return result
 
-    def _write_cases(self, cases: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _signature(self) -> str:
+        """What the finished cases depend on: weights, calibration, inferer / score settings, output settings."""
+        network = unwrap(self.network)
+        content = {
+            "weights": export.weights_fingerprint(network.state_dict()) if network is not None else None,
+            "calibration": self.calibration,
+            "inferer": _settings(self.inferer),
+            "image_score": _settings(self.image_score),
+            "region_key": self.region_key,
+            "input_grid": self.input_grid,
+            "seed": self.seed,
+        }
+        text = json.dumps(content, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _should_save_maps(self, case: Mapping[str, Any]) -> bool:
+        if self.save_maps == "all":
+            return True
+        if self.save_maps == "none":
+            return False
+        threshold = self.calibration["image_threshold"] if self.calibration else None
+        return case["label"] == 1 or threshold is None or case["score"] >= threshold
+
+    def _finish_case(self, case: Mapping[str, Any], drawn: bool) -> dict[str, Any]:
+        """Write one case's files; return its table record (scalars only)."""
         from medad import io
 
         pixel_threshold = self.calibration["pixel_threshold"] if self.calibration else None
         image_threshold = self.calibration["image_threshold"] if self.calibration else None
-        maps_dir, overlay_dir = self.output_dir / "maps", self.output_dir / "overlays"
-        if self.write_maps and pixel_threshold is not None:
-            # colours of the label maps (<case>_seg.nii.gz) in Slicer; the .seg.nrrd files carry their own
-            io.write_color_table(maps_dir / "anomaly.ctbl", [io.ANOMALY_SEGMENT])
-        records = []
-        for i, case_id in enumerate(cases["case_id"]):
-            anomaly_map, mask = cases["map"][i], cases["mask"][i]
-            record: dict[str, Any] = {
-                "case_id": case_id,
-                "image_score": cases["score"][i],
-                "label": cases["label"][i],
-                "threshold": image_threshold,
-                "runtime_s": cases["seconds"][i],
-                "anomaly_map": anomaly_map,
-                "ground_truth_mask": mask,
-            }
-            if pixel_threshold is not None:
-                record["anomaly_mask"] = anomaly_map >= pixel_threshold
-            if mask is not None and mask.any():
-                # per-case AP and best-possible Dice inside the region (brain voxels), the UPD/DISYRE protocol
-                region = cases["region"][i] if self.region_key else None
-                row = metrics.per_case_metrics([anomaly_map], [mask], region=None if region is None else [region])[0]
-                record.update({k: row[k] for k in ("ap", "best_dice", "best_dice_threshold")})
-            meta = cases["meta"][i]
-            if anomaly_map.ndim == 3:
-                spacing = meta.get("pixdim")
-                record["voxel_spacing"] = [float(s) for s in np.asarray(spacing)[1:4]] if spacing is not None else [1.0, 1.0, 1.0]
-            if self.write_maps:
-                self._write_maps(case_id, anomaly_map, meta, cases["native"][i], maps_dir, pixel_threshold)
-            if cases["image"][i] is not None:
-                if anomaly_map.ndim == 2:
-                    io.save_overlay_png(overlay_dir / f"{case_id}.png", cases["image"][i], cases["restoration"][i],
-                                        anomaly_map, mask, threshold=pixel_threshold, title=case_id)
-                else:
-                    io.save_volume_overlay_png(overlay_dir / f"{case_id}.png", cases["image"][i][0], anomaly_map,
-                                               mask=mask, restoration=cases["restoration"][i][0])
-            records.append(record)
-        return records
+        case_id, anomaly_map, mask = case["case_id"], case["map"], case["mask"]
+        record: dict[str, Any] = {
+            "case_id": case_id,
+            "image_score": case["score"],
+            "label": case["label"],
+            "threshold": image_threshold,
+            "runtime_s": case["seconds"],
+            "defect_type": case["group"],
+        }
+        if mask is not None and pixel_threshold is not None:
+            # Dice on the loaded grid, where the ground truth and the metrics are
+            record["dice"] = float(metrics.segmentation_scores(anomaly_map[None], mask[None], pixel_threshold)["dice"])
+        if mask is not None and mask.any():
+            # per-case AP and best-possible Dice inside the region (brain voxels), the UPD/DISYRE protocol
+            region = case["region"] if self.region_key else None
+            row = metrics.per_case_metrics([anomaly_map], [mask], region=None if region is None else [region])[0]
+            record.update({k: row[k] for k in ("ap", "best_dice", "best_dice_threshold")})
+        written, reference, spacing = self._input_grid_map(anomaly_map, case["meta"])
+        if pixel_threshold is not None:
+            # the size of the segmentation as written (the input file's grid and voxel size)
+            record.update(io.anomaly_extent(written >= pixel_threshold, spacing))
+        if spacing is not None:
+            record["voxel_spacing"] = [float(s) for s in spacing]
+        if self._should_save_maps(case):
+            self._write_maps(case_id, anomaly_map, case["meta"], written, reference, case["native"], pixel_threshold)
+        if drawn:
+            overlay = self.output_dir / "overlays" / f"{case_id}.png"
+            image = case["image"].float().cpu().numpy()
+            restoration = case["restoration"].float().cpu().numpy()
+            if anomaly_map.ndim == 2:
+                io.save_overlay_png(overlay, image, restoration, anomaly_map, mask, threshold=pixel_threshold,
+                                    title=f"{case_id} ({case['group']})")
+            else:
+                io.save_volume_overlay_png(overlay, image[0], anomaly_map, mask=mask, restoration=restoration[0],
+                                           title=f"{case_id} ({case['group']})")
+        return record
 
-    def _write_maps(self, case_id: str, anomaly_map: np.ndarray, meta: Mapping[str, Any], native: Mapping[str, Any],
-                    maps_dir: Path, pixel_threshold: float | None) -> None:
-        """The case's map and segmentation files on the input's grid (and in native space when recorded)."""
-        from medad import io
-
+    def _input_grid_map(
+        self, anomaly_map: np.ndarray, meta: Mapping[str, Any]
+    ) -> tuple[np.ndarray, Any, list[float] | None]:
+        """The map on the grid it is written on: ``(map, 3D reference or None, 3D voxel size in mm or None)``."""
         if anomaly_map.ndim == 2:
             if self.input_grid and meta.get("height") is not None and meta.get("width") is not None:
                 anomaly_map = grids.to_image_size(anomaly_map, (int(meta["height"]), int(meta["width"])))
-            io.write_image_case(case_id, anomaly_map, maps_dir, pixel_threshold)
-            return
+            return anomaly_map, None, None
         affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
         reference: Any = (affine, anomaly_map.shape)
         written = anomaly_map
@@ -332,32 +443,186 @@ class AnomalyEvaluator:
             source = str(meta.get("filename_or_obj") or "")
             is_nifti = source.endswith((".nii", ".nii.gz")) and os.path.isfile(source)
             reference = source if is_nifti else (input_affine, input_shape)
-        io.write_volume_case(case_id, written, reference, maps_dir, pixel_threshold)
+            affine = input_affine
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)  # voxel size of the written grid, mm per axis
+        return written, reference, [float(s) for s in spacing]
+
+    def _write_maps(self, case_id: str, anomaly_map: np.ndarray, meta: Mapping[str, Any], written: np.ndarray,
+                    reference: Any, native: Mapping[str, Any], pixel_threshold: float | None) -> None:
+        """The case's map and segmentation files on the input's grid (and in native space when recorded)."""
+        from medad import io
+
+        maps_dir = self.output_dir / "maps"
+        if written.ndim == 2:
+            io.write_image_case(case_id, written, maps_dir, pixel_threshold, compact=self.compact_maps)
+            return
+        io.write_volume_case(case_id, written, reference, maps_dir, pixel_threshold, compact=self.compact_maps)
         record = grids.registration_record_for(native, self.registration_dir)
         if record is not None:
-            native_map, native_affine = grids.to_native_space(anomaly_map, affine, record)
+            loaded_affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+            native_map, native_affine = grids.to_native_space(anomaly_map, loaded_affine, record)
             native_image = native.get("native_image")
             native_reference: Any = (native_affine, native_map.shape)
             if native_image and os.path.isfile(str(native_image)):
                 native_reference = str(native_image)
-            io.write_volume_case(f"{case_id}_native", native_map, native_reference, maps_dir, pixel_threshold)
+            io.write_volume_case(f"{case_id}_native", native_map, native_reference, maps_dir, pixel_threshold,
+                                 compact=self.compact_maps)
+
+    def _plan(self, done: set[str]) -> tuple[Iterable[Mapping[str, Any]], list[int] | None, list[str] | None]:
+        """The test batches still to run: ``(loader, original batch indices, every case id in order)``.
+
+        With a datalist (``loader.dataset.data`` items with ``case_id``) whole finished batches are left out without
+        loading them; the remaining batches keep their composition and index, so their seeds are unchanged.
+        """
+        loader = self.test_loader
+        dataset = getattr(loader, "dataset", None)
+        items = getattr(dataset, "data", None)
+        batch_size = getattr(loader, "batch_size", None)
+        if (not isinstance(loader, torch.utils.data.DataLoader) or not isinstance(items, Sequence) or not batch_size
+                or len(items) != len(dataset) or not all(isinstance(i, Mapping) and i.get("case_id") for i in items)):
+            return loader, None, None
+        ids = [str(i["case_id"]).replace("/", "_") for i in items]
+        batches = [list(range(start, min(start + batch_size, len(ids)))) for start in range(0, len(ids), batch_size)]
+        todo = [b for b, members in enumerate(batches) if not all(ids[k] in done for k in members)]
+        if len(todo) == len(batches):
+            return loader, None, ids
+        subset = torch.utils.data.Subset(dataset, [k for b in todo for k in batches[b]])
+        remaining = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                                num_workers=loader.num_workers, collate_fn=loader.collate_fn)
+        return remaining, todo, ids
 
     def run(self) -> dict[str, Any]:
-        """Load, calibrate, infer on the test set, write ``metrics.json``, case tables, maps and overlays."""
+        """Load, calibrate, infer on the test set case by case, write ``metrics.json``, case tables, maps, overlays."""
         from medad import io
 
         self.load()
         self.calibrate()
-        cases = self.infer(self.test_loader, "evaluate")
+        items = getattr(getattr(self.test_loader, "dataset", None), "data", None)
+        if isinstance(items, Sequence) and all(isinstance(i, Mapping) for i in items):
+            check_files(items)  # every bad file named before any output is written
+        store = _CaseStore(self.output_dir / _CASE_DATA, self._signature(), self.resume)
+        if store.records:
+            logger.info("resuming the evaluation in %s: %d finished case(s) are kept", self.output_dir,
+                        len(store.records))
+        loader, batch_indices, order = self._plan(set(store.records))
+        drawn = {}
+        for record in store.records.values():
+            drawn[record["defect_type"]] = drawn.get(record["defect_type"], 0) + int(record.get("drawn", False))
+        network = CountingNetwork(unwrap(self.network).to(self.device).eval())
+        with torch.no_grad():
+            batches = self._batches(loader, network, "evaluate", batch_indices,
+                                    skip=lambda ids: all(i in store.records for i in ids))
+            for batch in batches:
+                for case in batch:
+                    group = case["group"]
+                    draw = drawn.get(group, 0) < self.num_overlays
+                    record = self._finish_case(case, draw)
+                    drawn[group] = drawn.get(group, 0) + int(draw)
+                    record["drawn"] = draw
+                    store.add(case, record)
+                    # the table of the cases finished so far, replaced atomically after each case
+                    io.write_table_csv(io.case_table(_table_records(store.records.values())),
+                                       self.output_dir / _PARTIAL_TABLE)
+        cases = store.load(order)
         result = self._metrics(cases)
-        if is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            records = self._write_cases(cases)
-            table = io.case_table(records)
-            io.write_tables(table, self.output_dir, stem="cases")
-            labels = [label for label in cases["label"] if label is not None]
-            if len(labels) == len(cases["score"]) and len(set(labels)) == 2:
-                io.save_roc_pr_curves(cases["score"], labels, self.output_dir / "image")
-            io.write_json(self.output_dir / "metrics.json", result)
-        logger.info("metrics: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
+        io.write_tables(io.case_table(_table_records(store.records[i] for i in cases["case_id"])), self.output_dir,
+                        stem="cases")
+        labels = [label for label in cases["label"] if label is not None]
+        if len(labels) == len(cases["score"]) and len(set(labels)) == 2:
+            io.save_roc_pr_curves(cases["score"], labels, self.output_dir / "image")
+        io.write_json(self.output_dir / "metrics.json", result)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.output_dir / _PARTIAL_TABLE)
+        plain = io.to_jsonable({k: v for k, v in result.items() if not isinstance(v, dict)})
+        logger.info("metrics: %s", json.dumps(plain))
+        logger.info("evaluation results in %s", self.output_dir)
         return result
+
+
+def _table_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    # bookkeeping of the case store is not a table column
+    return [{k: v for k, v in r.items() if k not in ("drawn", "score", "network_items", "network_calls")}
+            for r in records]
+
+
+def _timing(seconds: Sequence[float], items: Sequence[float], calls: Sequence[float]) -> dict[str, float]:
+    """Inference speed from per-case numbers (so a resumed evaluation reports over all its cases)."""
+    total = float(np.sum(seconds)) if len(seconds) else 0.0
+    num_cases = len(seconds)
+    return {
+        "inference_seconds": total,
+        "images_per_second": num_cases / total if total > 0 else math.nan,
+        "network_evaluations_per_image": float(np.sum(items)) / max(1, num_cases),
+        "network_calls": int(np.sum(calls)),
+    }
+
+
+class _CaseStore:
+    """Finished cases on disk: ``<folder>/<case>.npz`` (map, mask, region) + ``records.jsonl`` (table rows).
+
+    ``signature.txt`` says which weights / settings made them; a different one discards them (logged).
+    """
+
+    def __init__(self, folder: Path, signature: str, resume: bool) -> None:
+        from medad import io
+
+        self.folder = folder
+        self.records: dict[str, dict[str, Any]] = {}
+        stamp = folder / "signature.txt"
+        if folder.is_dir():
+            stored = stamp.read_text().strip() if stamp.is_file() else None
+            if not resume or stored != signature:
+                if stored is not None and resume:
+                    logger.warning("%s: the finished cases there were made with other weights or settings; "
+                                   "evaluating every case again", folder)
+                shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file():
+            with io.atomic_write(stamp, "w") as handle:
+                handle.write(signature + "\n")
+        journal = folder / "records.jsonl"
+        if journal.is_file():
+            for line in journal.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill is simply redone
+                    record = json.loads(line)
+                    if (folder / f"{record['case_id']}.npz").is_file():
+                        self.records[record["case_id"]] = record
+
+    def add(self, case: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        from medad import io
+
+        arrays = {"map": np.asarray(case["map"], np.float32)}
+        for key in ("mask", "region"):
+            if case[key] is not None:
+                arrays[key] = np.asarray(case[key], bool)
+        # the data first, then the journal line: a journal entry always has its data
+        io.atomic_save(self.folder / f"{case['case_id']}.npz", lambda name: np.savez_compressed(name, **arrays))
+        entry = dict(io.to_jsonable(record))
+        entry.update(score=float(case["score"]), network_items=int(case["network_items"]),
+                     network_calls=int(case["network_calls"]))
+        with open(self.folder / "records.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records[entry["case_id"]] = entry
+
+    def load(self, order: Sequence[str] | None) -> dict[str, Any]:
+        """Every finished case (in ``order`` when given) as the lists :meth:`AnomalyEvaluator._metrics` reads."""
+        ids = [i for i in order if i in self.records] if order is not None else list(self.records)
+        if order is not None and len(ids) != len(order):
+            missing = [i for i in order if i not in self.records]
+            raise RuntimeError(f"{self.folder}: case(s) {missing[:5]} were not evaluated; run the evaluation again.")
+        cases: dict[str, Any] = {k: [] for k in ("case_id", "map", "mask", "region", "label", "score", "seconds")}
+        for case_id in ids:
+            record = self.records[case_id]
+            with np.load(self.folder / f"{case_id}.npz") as data:
+                cases["map"].append(data["map"])
+                cases["mask"].append(data["mask"] if "mask" in data else None)
+                cases["region"].append(data["region"] if "region" in data else None)
+            cases["case_id"].append(case_id)
+            cases["label"].append(record.get("label"))
+            cases["score"].append(float(record["score"]))
+            cases["seconds"].append(float(record.get("runtime_s") or 0.0))
+        cases["timing"] = _timing(cases["seconds"], [self.records[i]["network_items"] for i in ids],
+                                  [self.records[i]["network_calls"] for i in ids])
+        return cases

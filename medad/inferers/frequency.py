@@ -13,13 +13,21 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from medad.scores import fair_anomaly_map, mean_filter, squared_error_map
-from medad.transforms.frequency import FILTER_KINDS, highpass, sobel_gradients, to_grayscale
+from medad.transforms.frequency import EXTENSIONS, FILTER_KINDS, highpass, sobel_gradients, to_grayscale
 
 from .base import AnomalyInferer
 
-__all__ = ["EXTRACTORS", "MAP_KINDS", "high_frequency_input", "extractor_channels", "FrequencyRestorationInferer"]
+__all__ = [
+    "EXTRACTORS",
+    "MAP_KINDS",
+    "high_frequency_input",
+    "restore_from_high_frequency",
+    "extractor_channels",
+    "FrequencyRestorationInferer",
+]
 
 #: high-frequency extractors: the Fourier high-pass filters and the spatial Sobel gradients.
 EXTRACTORS = (*FILTER_KINDS, "sobel")
@@ -40,8 +48,12 @@ def high_frequency_input(
     cutoff: float = 30.0,
     order: int = 2,
     cutoff_reference_size: int | None = 256,
+    extension: str = "symmetric",
 ) -> torch.Tensor:
     """FAIR's network input: gray image -> high-pass (paper eqs. 1-6) or Sobel gradients (eq. 12).
+
+    Training (:class:`medad.methods.fair.FairTrainingStep`) and inference both call this function, so the
+    network always sees the same border handling.
 
     Args:
         images: ``(B, C, *spatial)`` with C = 1 (gray) or 3 (RGB), values in [0, 1].
@@ -57,7 +69,39 @@ def high_frequency_input(
     gray = to_grayscale(images.float())
     if filter_kind == "sobel":
         return sobel_gradients(gray)
-    return highpass(gray, filter_kind, cutoff, order, cutoff_reference_size)
+    return highpass(gray, filter_kind, cutoff, order, cutoff_reference_size, extension)
+
+
+def restore_from_high_frequency(
+    network: Callable[..., torch.Tensor],
+    images: torch.Tensor,
+    filter_kind: str = "butterworth",
+    cutoff: float = 30.0,
+    order: int = 2,
+    cutoff_reference_size: int | None = 256,
+    extension: str = "symmetric",
+    margin: int = 0,
+) -> torch.Tensor:
+    """``network(high_frequency_input(images))``, optionally on a mirror-padded canvas cropped back.
+
+    With ``margin > 0`` the images are reflect-padded by ``margin`` pixels on every side before the high-pass and
+    the network, and the restoration is cropped back: the image's border pixels are then restored with context
+    on both sides, away from the zero padding of the network's convolutions. Training and inference call this one
+    function, so the network learns with the same canvas it is used with. ``2 * margin`` must keep the size
+    divisible by the network's ``2 ** (levels - 1)``.
+
+    Returns:
+        ``(B, out_channels, *spatial)``, the spatial size of ``images``.
+    """
+    spatial = images.shape[2:]
+    if margin > 0:
+        if any(margin >= s for s in spatial):
+            raise ValueError(f"frequency.py: border margin {margin} must be smaller than the image size {tuple(spatial)}.")
+        images = F.pad(images, (margin,) * (2 * len(spatial)), mode="reflect")
+    restoration = network(high_frequency_input(images, filter_kind, cutoff, order, cutoff_reference_size, extension))
+    if margin > 0:
+        restoration = restoration[(..., *(slice(margin, margin + s) for s in spatial))]
+    return restoration
 
 
 class FrequencyRestorationInferer(AnomalyInferer):
@@ -78,7 +122,15 @@ class FrequencyRestorationInferer(AnomalyInferer):
         msgms_scales: MSGMS pyramid levels (FAIR: 2).
         channel_order: ``"rgb"`` (correct colour conversion, default) or ``"bgr"`` (reproduces the official code,
             which feeds OpenCV's BGR arrays to kornia's ``rgb_to_lab``).
-        padding_mode: mean-filter padding (FAIR: ``"zeros"``).
+        padding_mode: mean-filter padding: ``"reflect"`` (default) or ``"zeros"`` (FAIR's code).
+        gradient_padding_mode: Prewitt padding in MSGMS: ``"replicate"`` (default) or ``"zeros"`` (FAIR's code).
+        extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (FAIR's code); must
+            be what the network was trained with (:class:`medad.methods.fair.FairTrainingStep` ``extension``).
+        margin: restore on a canvas mirror-padded by this many pixels (see :func:`restore_from_high_frequency`); must
+            be what the network was trained with (``FairTrainingStep`` ``margin``).
+
+    The three defaults remove the bright frame along the image border that FAIR's code puts in every map
+    (issue #11; measured in ``docs/results.md``); the official values reproduce it.
     """
 
     def __init__(
@@ -92,7 +144,10 @@ class FrequencyRestorationInferer(AnomalyInferer):
         mean_filter_size: int = 21,
         msgms_scales: int = 2,
         channel_order: str = "rgb",
-        padding_mode: str = "zeros",
+        padding_mode: str = "reflect",
+        gradient_padding_mode: str = "replicate",
+        extension: str = "symmetric",
+        margin: int = 0,
     ) -> None:
         super().__init__()
         extractor_channels(filter_kind)
@@ -109,18 +164,25 @@ class FrequencyRestorationInferer(AnomalyInferer):
         self.mean_filter_size = int(mean_filter_size)
         self.msgms_scales = int(msgms_scales)
         self.channel_order = channel_order
+        if extension not in EXTENSIONS:
+            raise ValueError(f"frequency.py: unknown Fourier-filter extension {extension!r}; use one of {EXTENSIONS}.")
         self.padding_mode = padding_mode
+        self.gradient_padding_mode = gradient_padding_mode
+        self.extension = extension
+        self.margin = int(margin)
 
     def network_input(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` images -> the network's high-frequency input ``(B, 1 or 2, *spatial)``."""
-        return high_frequency_input(images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size)
+        return high_frequency_input(
+            images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension
+        )
 
     def anomaly_map(self, images: torch.Tensor, restoration: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` image and restoration -> ``(B, 1, *spatial)`` map."""
         if self.map == "fair":
             return fair_anomaly_map(
                 images, restoration, self.color_weight, self.mean_filter_size, self.msgms_scales,
-                self.channel_order, self.padding_mode,
+                self.channel_order, self.padding_mode, self.gradient_padding_mode,
             )
         return mean_filter(squared_error_map(images, restoration), self.mean_filter_size, self.padding_mode)
 
@@ -129,7 +191,10 @@ class FrequencyRestorationInferer(AnomalyInferer):
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
         """(B, C, *spatial) images in [0, 1] -> ``anomaly_map`` (B, 1, *spatial), ``restoration`` (B, C, *spatial)."""
-        restoration = network(self.network_input(inputs))
+        restoration = restore_from_high_frequency(
+            network, inputs, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension,
+            self.margin,
+        )
         if restoration.shape != inputs.shape:
             raise ValueError(
                 f"frequency.py: the network restored shape {tuple(restoration.shape)} for images of shape "

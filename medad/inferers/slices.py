@@ -19,6 +19,10 @@ class SliceInferer(AnomalyInferer):
     entirely background are skipped (their map is 0 and their restoration is the input), which is both faster and
     keeps the background exactly zero.
 
+    A ``foreground`` volume (e.g. the brain mask, ``(B, 1, X, Y, Z)``) given to the call is sliced the same way and
+    handed to the 2D inferer as ``foreground=`` (the sliding-window inferer weights patches by it and zeroes the
+    map outside it, instead of guessing the brain as "input > 0"); slices without foreground are then skipped.
+
     Args:
         inferer: a 2D :class:`AnomalyInferer` (possibly a sliding-window one).
         spatial_dim: the axis of the volume (0, 1 or 2 of the spatial axes) that is sliced; 2 = axial for RAS
@@ -50,12 +54,34 @@ class SliceInferer(AnomalyInferer):
         ph, pw = (-h) % self.size_divisor, (-w) % self.size_divisor
         return F.pad(slices, (0, pw, 0, ph)), (h, w)
 
+    def _slices(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> (B·S, C, H, W) slices along ``spatial_dim``."""
+        if hasattr(volumes, "as_tensor"):  # a MetaTensor: MONAI cannot index its batched meta slice by slice
+            volumes = volumes.as_tensor()
+        moved = volumes.movedim(2 + self.spatial_dim, 1)  # (B, S, C, H, W)
+        return moved.reshape(-1, *moved.shape[2:])
+
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """(B, C, X, Y, Z) volumes -> ``anomaly_map`` (B, 1, X, Y, Z), ``restoration`` (B, C, X, Y, Z)."""
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args: Any,
+        foreground: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """(B, C, X, Y, Z) volumes -> ``anomaly_map`` (B, 1, X, Y, Z), ``restoration`` (B, C, X, Y, Z).
+
+        ``foreground``: optional (B, 1, X, Y, Z) mask (the brain mask) passed slice by slice to the 2D inferer.
+        """
         if inputs.dim() != 5:
             raise ValueError(f"SliceInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
-        if hasattr(inputs, "as_tensor"):  # a MetaTensor: MONAI cannot index its batched meta slice by slice
+        if foreground is not None and (foreground.shape[0], *foreground.shape[2:]) != (inputs.shape[0], *inputs.shape[2:]):
+            raise ValueError(
+                f"SliceInferer: the foreground mask has shape {tuple(foreground.shape)} but the volumes have "
+                f"{tuple(inputs.shape)}; give the brain mask on the image's grid."
+            )
+        if hasattr(inputs, "as_tensor"):
             inputs = inputs.as_tensor()
         axis = 2 + self.spatial_dim
         moved = inputs.movedim(axis, 1)  # (B, S, C, H, W)
@@ -63,11 +89,18 @@ class SliceInferer(AnomalyInferer):
         slices = moved.reshape(b * s, c, h, w)
         anomaly = torch.zeros(b * s, 1, h, w, dtype=inputs.dtype, device=inputs.device)
         restoration = slices.clone()
-        foreground = slices.flatten(1).amax(dim=1) > self.background_threshold
-        index = torch.nonzero(foreground).flatten()
+        if foreground is None:
+            fg_slices = None
+            keep = slices.flatten(1).amax(dim=1) > self.background_threshold
+        else:
+            fg_slices = (self._slices(foreground.to(inputs.device)) > 0).to(inputs.dtype)
+            keep = fg_slices.flatten(1).amax(dim=1) > 0
+        index = torch.nonzero(keep).flatten()
         for start in range(0, len(index), self.slice_batch_size):
             chunk = index[start : start + self.slice_batch_size]
             padded, (hh, ww) = self._pad(slices[chunk])
+            if fg_slices is not None:
+                kwargs["foreground"] = self._pad(fg_slices[chunk])[0]
             out = self.inferer(padded, network, *args, **kwargs)
             anomaly[chunk] = out["anomaly_map"][..., :hh, :ww]
             restoration[chunk] = out["restoration"][..., :hh, :ww]

@@ -7,7 +7,7 @@ the target folder, then rename), and no writer modifies its inputs.
 
 from medad.io.atomic import atomic_save, atomic_write, to_jsonable, write_json
 from medad.io.dicom import DicomSeriesReader, dicom_to_nifti, read_dicom_series
-from medad.io.case_outputs import ANOMALY_SEGMENT, write_image_case, write_volume_case
+from medad.io.case_outputs import ANOMALY_SEGMENT, compact_float, write_image_case, write_volume_case
 from medad.io.nifti import reference_grid, write_label_nifti, write_nifti_like
 from medad.io.overlays import save_overlay_png, save_volume_overlay_png, select_slices
 from medad.io.slicer import (
@@ -24,6 +24,7 @@ from medad.io.tables import (
     case_table,
     cohort_summary,
     save_roc_pr_curves,
+    write_table_csv,
     write_tables,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "atomic_save",
     "atomic_write",
     "case_table",
+    "compact_float",
     "cohort_summary",
     "dicom_to_nifti",
     "lps_affine_to_ras",
@@ -54,6 +56,7 @@ __all__ = [
     "write_nifti_like",
     "write_seg_nrrd",
     "write_seg_nrrd_2d",
+    "write_table_csv",
     "write_tables",
     "write_volume_case",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "anomaly_extent",
     "case_table",
     "write_tables",
+    "write_table_csv",
     "cohort_summary",
     "save_roc_pr_curves",
 ]
@@ -151,6 +152,13 @@ def case_table(records: Sequence[Mapping[str, Any]], threshold: float | None = N
     return frame[leading + [c for c in frame.columns if c not in leading]]
 
 
+def write_table_csv(df: pd.DataFrame, path: PathLike) -> Path:
+    """Write one table as CSV, atomically (a reader never sees a half-written table)."""
+    with atomic_write(path, "w") as handle:
+        df.to_csv(handle, index=False)
+    return Path(path)
+
+
 def write_tables(df: pd.DataFrame, out_dir: PathLike, stem: str = "cases", summary: bool = True) -> dict[str, Path]:
     """Write ``<stem>.csv`` and ``<stem>.parquet`` (and ``<stem>_summary.json``) into ``out_dir``, atomically.
 
@@ -158,9 +166,7 @@ def write_tables(df: pd.DataFrame, out_dir: PathLike, stem: str = "cases", summa
         ``{"csv": path, "parquet": path}`` plus ``"summary"`` when written.
     """
     out_dir = Path(out_dir)
-    paths = {"csv": out_dir / f"{stem}.csv", "parquet": out_dir / f"{stem}.parquet"}
-    with atomic_write(paths["csv"], "w") as handle:
-        df.to_csv(handle, index=False)
+    paths = {"csv": write_table_csv(df, out_dir / f"{stem}.csv"), "parquet": out_dir / f"{stem}.parquet"}
     atomic_save(paths["parquet"], lambda name: df.to_parquet(name, index=False))
     if summary:
         paths["summary"] = write_json(out_dir / f"{stem}_summary.json", cohort_summary(df))

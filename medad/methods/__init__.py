@@ -1,11 +1,15 @@
 """medad.methods: the method-specific training steps and helpers, one module per method."""
 
 from medad.methods.addm import AdversarialDiffusionStep
+from medad.methods.baselines import BrainIntensity, GaussianFitter, PixelGaussian
 from medad.methods.disyre import SyntheticAnomalySchedule, SyntheticAnomalyStep
 from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
 
 __all__ = [
     "AdversarialDiffusionStep",
+    "BrainIntensity",
+    "GaussianFitter",
+    "PixelGaussian",
     "FairTrainingStep",
     "SyntheticAnomalySchedule",
     "SyntheticAnomalyStep",

@@ -30,7 +30,9 @@ from torch import nn
 from medad.corruptions import ForeignPatchCorruption
 from medad.diffusion import make_diffusion
 
-__all__ = ["SyntheticAnomalySchedule", "SyntheticAnomalyStep"]
+__all__ = ["CONDITIONINGS", "SyntheticAnomalySchedule", "SyntheticAnomalyStep"]
+
+CONDITIONINGS = ("consistent", "official")
 
 
 class SyntheticAnomalySchedule:
@@ -39,13 +41,26 @@ class SyntheticAnomalySchedule:
     Args:
         num_timesteps: T (DISYRE: 100).
         schedule: β schedule name of :func:`medad.diffusion.get_named_beta_schedule` (DISYRE: ``"linear"``).
+        conditioning: which timestep the *network* is told for a corruption of strength α:
+            ``"consistent"``: t(α) = argmin_t |α_t − α| on the same increasing table the restoration steps with,
+            so the first restoration step (t = T − 1) is conditioned on "α ≈ 1";
+            ``"official"``: t(α) = argmin_t |√ᾱ_t − α| on the *unflipped* table, exactly as the official
+            trainer (``map_alpha_to_timestep``), so a clean image is t = T − 1 and the restoration steps
+            99, 79, 59, 39, 19 are conditioned on α ≈ 0.004, 0.03, 0.15, 0.44, 0.82 while the sampler's
+            arithmetic uses α_t = √ᾱ_{T-1-t} as the official ``DISYREScheduler.step`` does.
+            The default is chosen by the ablation recorded in ``bundles/disyre/docs/README.md``.
         schedule_kwargs: its options; for ``"linear"`` ``beta_start`` / ``beta_end`` default to DISYRE's 1e-3 / 0.2.
 
     Attributes:
         alphas: float64 ``(T,)``, α_t = √ᾱ_{T-1-t}, increasing in t (α_0 ≈ 0.004, α_{T-1} ≈ 0.9995 for DISYRE).
     """
 
-    def __init__(self, num_timesteps: int = 100, schedule: str = "linear", **schedule_kwargs: float) -> None:
+    def __init__(
+        self, num_timesteps: int = 100, schedule: str = "linear", conditioning: str = "consistent", **schedule_kwargs: float
+    ) -> None:
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}.")
+        self.conditioning = conditioning
         if schedule == "linear":
             schedule_kwargs = {"beta_start": 1e-3, "beta_end": 0.2, **schedule_kwargs}
         diffusion = make_diffusion(schedule, num_timesteps, "start_x", **schedule_kwargs)
@@ -60,10 +75,13 @@ class SyntheticAnomalySchedule:
         return table.to(t.device)[t]
 
     def timestep_for_alpha(self, alpha: torch.Tensor | float) -> torch.Tensor:
-        """The timestep whose α_t is closest to ``alpha`` (values in [0, 1]); LongTensor of ``alpha``'s shape."""
+        """The network's timestep for strength ``alpha`` (values in [0, 1]); LongTensor of ``alpha``'s shape.
+
+        ``"consistent"``: the t whose α_t is closest; ``"official"``: the t whose √ᾱ_t (unflipped) is closest.
+        """
         alpha = torch.as_tensor(alpha, dtype=torch.float64)
-        table = torch.from_numpy(self.alphas).to(alpha.device)
-        return (table - alpha.unsqueeze(-1)).abs().argmin(dim=-1)
+        table = self.alphas if self.conditioning == "consistent" else self.alphas[::-1].copy()
+        return (torch.from_numpy(table).to(alpha.device) - alpha.unsqueeze(-1)).abs().argmin(dim=-1)
 
     def restoration_timesteps(self, num_steps: int) -> list[int]:
         """Descending timesteps of a ``num_steps``-step restoration, "trailing" spacing as the official code.

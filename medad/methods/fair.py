@@ -8,8 +8,8 @@ minimise ``L2 + SSIM`` (paper eq. 7). The high-pass input is made by
 
 Deviations from the official code: the corruption runs on the batch in the training step (so any loader,
 including MRI slices, can feed it) instead of inside the dataset; the learning-rate decay ×0.2 at 80 % and
-90 % of training is stepped per iteration (milestones in steps) because the shared trainer steps its
-scheduler every iteration; the official code steps a MultiStepLR per epoch at the same fractions.
+90 % of training is a function of the trainer's progress, stepped per iteration (so it also decays under a time
+budget); the official code steps a MultiStepLR per epoch at the same fractions of its epochs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from monai.losses import SSIMLoss
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from medad.inferers.frequency import extractor_channels, high_frequency_input
+from medad.engine.schedules import MultiStepProgressLR
+from medad.inferers.frequency import extractor_channels, high_frequency_input, restore_from_high_frequency
 from medad.transforms.corruption import RandFairCorruptiond
 
 __all__ = ["FairTrainingStep", "fair_lr_scheduler", "training_length"]
@@ -41,6 +42,10 @@ class FairTrainingStep(nn.Module):
         cutoff: high-pass cutoff ``D0`` (FAIR: 30 for 256² images).
         order: Butterworth order (FAIR: 2).
         cutoff_reference_size: the image size ``cutoff`` refers to (256).
+        extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (official code),
+            see :func:`medad.inferers.frequency.high_frequency_input`; the inferer must use the same.
+        margin: restore on a canvas mirror-padded by this many pixels
+            (:func:`medad.inferers.frequency.restore_from_high_frequency`); the inferer must use the same.
         corrupt: add FAIR's synthetic anomalies (False: a plain frequency-restoration autoencoder).
         texture_source: DTD-like texture folder, or None for the image's own texture (the paper's
             "no extra data" variant, Table 12).
@@ -64,6 +69,8 @@ class FairTrainingStep(nn.Module):
         cutoff: float = 30.0,
         order: int = 2,
         cutoff_reference_size: int | None = 256,
+        extension: str = "symmetric",
+        margin: int = 0,
         corrupt: bool = True,
         texture_source: str | Path | None = None,
         p_perlin: float = 0.5,
@@ -85,6 +92,8 @@ class FairTrainingStep(nn.Module):
         self.cutoff = float(cutoff)
         self.order = int(order)
         self.cutoff_reference_size = cutoff_reference_size
+        self.extension = extension
+        self.margin = int(margin)
         self.image_key = image_key
         self.corrupted_key = corrupted_key
         self.ssim_weight = float(ssim_weight)
@@ -119,7 +128,9 @@ class FairTrainingStep(nn.Module):
 
     def network_input(self, images: torch.Tensor) -> torch.Tensor:
         """Gray + high-pass (or Sobel) of ``(B, C, H, W)`` images: the restoration network's input."""
-        return high_frequency_input(images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size)
+        return high_frequency_input(
+            images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension
+        )
 
     def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """One batch -> ``{"loss", "l2", "ssim"}`` (scalars; ``loss`` carries the gradient)."""
@@ -129,7 +140,10 @@ class FairTrainingStep(nn.Module):
         else:
             with torch.no_grad():
                 targets, corrupted = self.corrupt_batch(images)
-        restoration = network(self.network_input(corrupted))
+        restoration = restore_from_high_frequency(
+            network, corrupted, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension,
+            self.margin,
+        )
         if restoration.shape != targets.shape:
             raise ValueError(
                 f"fair.py: the network restored shape {tuple(restoration.shape)} for images of shape "
@@ -165,11 +179,12 @@ def fair_lr_scheduler(
     steps_per_epoch: int | None = None,
     fractions: Sequence[float] = (0.8, 0.9),
     gamma: float = 0.2,
-) -> torch.optim.lr_scheduler.MultiStepLR:
+) -> MultiStepProgressLR:
     """FAIR's schedule: learning rate ×``gamma`` after ``fractions`` of training, stepped every iteration.
 
-    The milestones are ``int(f · total_steps)`` with ``total_steps`` from :func:`training_length`.
+    The fractions are of the training *progress* that :class:`~medad.engine.Trainer` reports (steps, epochs or
+    ``max_minutes``, whichever ends training first), so a time-budgeted run decays too. Outside a trainer the
+    milestones are ``f · total_steps`` with ``total_steps`` from :func:`training_length`.
     """
-    total = training_length(max_steps, max_epochs, steps_per_epoch)
-    milestones = sorted({max(1, int(f * total)) for f in fractions})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+    total = training_length(max_steps, max_epochs, steps_per_epoch) if max_steps or max_epochs else None
+    return MultiStepProgressLR(optimizer, fractions, gamma, total_steps=total)

@@ -168,6 +168,8 @@ class AnomalyUNet(nn.Module):
     Input spatial sizes must be divisible by ``2 ** (len(channels) - 1)``.
     """
 
+    __jit_ignored_attributes__ = ["init_args"]  # a plain dict of settings; TorchScript has no use for it
+
     def __init__(
         self,
         spatial_dims: int,
@@ -187,7 +189,10 @@ class AnomalyUNet(nn.Module):
         mid_attention: bool | None = None,
         output_activation: str | None = None,
     ) -> None:
+        # the constructor arguments, so a run folder can record and rebuild exactly this network
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_args = init_args
         if skip_mode not in ("concat", "add"):
             raise ValueError(f"skip_mode must be 'concat' or 'add', got {skip_mode!r}.")
         channels = tuple(int(c) for c in channels)

@@ -1,5 +1,6 @@
 """medad.scores: anomaly maps from an image and its restoration, and image-level scores."""
 
+from medad.scores.border import border_area_share, border_mask, border_top_share
 from medad.scores.color import cielab_color_map, rgb_to_lab, to_grayscale
 from medad.scores.error_maps import absolute_error_map, squared_error_map
 from medad.scores.fair import fair_anomaly_map
@@ -20,6 +21,9 @@ from medad.scores.image_scores import (
 
 __all__ = [
     "absolute_error_map",
+    "border_area_share",
+    "border_mask",
+    "border_top_share",
     "cielab_color_map",
     "default_pool_kernel",
     "fair_anomaly_map",

@@ -18,7 +18,8 @@ def fair_anomaly_map(
     mean_filter_size: int = 21,
     msgms_scales: int = 2,
     channel_order: str = "rgb",
-    padding_mode: str = "zeros",
+    padding_mode: str = "reflect",
+    gradient_padding_mode: str = "replicate",
 ) -> torch.Tensor:
     """``mean_filter(MSGMS(x, x_hat) + color_weight * ((Δa*)^2 + (Δb*)^2))``; the image score is its max.
 
@@ -29,12 +30,15 @@ def fair_anomaly_map(
         mean_filter_size: side of the mean filter (FAIR: 21 on 256^2 images; 1 disables it).
         msgms_scales: pyramid levels of MSGMS (FAIR: 2).
         channel_order: ``"rgb"`` (default) or ``"bgr"``, see :func:`medad.scores.color.cielab_color_map`.
-        padding_mode: mean-filter padding (FAIR: zero padding).
+        padding_mode: mean-filter padding: ``"reflect"`` (default) or ``"zeros"`` (FAIR's code, which damps the
+            map within ``mean_filter_size // 2`` pixels of the border, hiding defects there).
+        gradient_padding_mode: Prewitt padding inside MSGMS: ``"replicate"`` (default) or ``"zeros"`` (FAIR's
+            code, which makes MSGMS compare intensities instead of gradients along the border).
 
     Returns:
         ``(B, 1, H, W)``.
     """
-    anomaly_map = msgms_map(x, x_hat, scales=msgms_scales)
+    anomaly_map = msgms_map(x, x_hat, scales=msgms_scales, padding_mode=gradient_padding_mode)
     if color_weight:
         anomaly_map = anomaly_map + color_weight * cielab_color_map(x, x_hat, channel_order)
     return mean_filter(anomaly_map, mean_filter_size, padding_mode)

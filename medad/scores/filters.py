@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import separable_filtering
@@ -51,28 +53,39 @@ def mean_filter(anomaly_map: torch.Tensor, size: int = 21, padding_mode: str = "
 
 
 def gaussian_filter_map(
-    anomaly_map: torch.Tensor, sigma: float, truncated: float = 4.0, padding_mode: str = "reflect"
+    anomaly_map: torch.Tensor,
+    sigma: float | Sequence[float],
+    truncated: float = 4.0,
+    padding_mode: str = "reflect",
 ) -> torch.Tensor:
     """Separable Gaussian smoothing of every channel (``sigma`` in pixels, kernel cut at ``truncated`` sigma).
 
     Args:
         anomaly_map: ``(B, C, *spatial)``, 1D to 3D spatial.
-        sigma: standard deviation in pixels (``<= 0`` returns the input).
+        sigma: standard deviation in pixels, one for all axes or one per spatial axis (an axis with ``sigma <= 0``
+            is left unfiltered; all ``<= 0`` returns the input).
         truncated: kernel radius in units of sigma.
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
 
     Returns:
         ``(B, C, *spatial)`` with the input's dtype.
     """
-    if sigma <= 0:
+    spatial_dims = anomaly_map.ndim - 2
+    sigmas = [float(sigma)] * spatial_dims if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+    if len(sigmas) != spatial_dims:
+        raise ValueError(f"filters.py: {len(sigmas)} sigmas given for {spatial_dims} spatial axes.")
+    if all(s <= 0 for s in sigmas):
         return anomaly_map
     if padding_mode not in _PADDING_MODES:
         raise ValueError(f"filters.py: unknown padding mode {padding_mode!r}; use one of {_PADDING_MODES}.")
-    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=truncated, approx="sampled", normalize=True)
-    kernel = kernel.to(device=anomaly_map.device, dtype=torch.float32)
-    radius = (kernel.numel() - 1) // 2
-    if padding_mode == "reflect" and any(s <= radius for s in anomaly_map.shape[2:]):
+    identity = torch.ones(1)
+    kernels = [
+        gaussian_1d(torch.tensor(s), truncated=truncated, approx="sampled", normalize=True) if s > 0 else identity
+        for s in sigmas
+    ]
+    kernels = [k.to(device=anomaly_map.device, dtype=torch.float32) for k in kernels]
+    radii = [(k.numel() - 1) // 2 for k in kernels]
+    if padding_mode == "reflect" and any(s <= r for s, r in zip(anomaly_map.shape[2:], radii)):
         padding_mode = "replicate"
-    spatial_dims = anomaly_map.ndim - 2
-    smoothed = separable_filtering(anomaly_map.float(), [kernel] * spatial_dims, mode=padding_mode)
+    smoothed = separable_filtering(anomaly_map.float(), kernels, mode=padding_mode)
     return smoothed.to(anomaly_map.dtype)

@@ -6,6 +6,12 @@ averages GMS over an image pyramid (2x2 average pooling per scale), each scale u
 bilinearly; the anomaly map is ``1 - mean_scales GMS``. FAIR uses 2 scales and ``c = 0.0026`` on
 images in ``[0, 1]``, and averages the per-channel maps of RGB images (official ``msgms.py``); pass
 ``grayscale=True`` to compare BT.601 gray images instead.
+
+Borders: the official code pads the Prewitt convolution with zeros, so at the image border the gradient holds
+the step from the image to 0 and GMS there compares *intensities* rather than gradients: a restoration a little
+darker than the image everywhere scores 0 inside and > 0 along the border (part of FAIR's border frame, issue
+#11). ``padding_mode="replicate"`` (default) extends the image by its edge values instead, giving a one-sided
+difference at the border; ``"zeros"`` reproduces the official code.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: border extensions of the Prewitt convolution (``torch.nn.functional.pad`` modes, "zeros" = the official code).
+GRADIENT_PADDING_MODES = ("replicate", "reflect", "zeros")
+
 from medad.scores.color import to_grayscale
 
-__all__ = ["prewitt_kernels", "gradient_magnitude", "gradient_magnitude_similarity", "msgms_map"]
+__all__ = ["GRADIENT_PADDING_MODES", "prewitt_kernels", "gradient_magnitude", "gradient_magnitude_similarity", "msgms_map"]
 
 
 def prewitt_kernels(spatial_dims: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -38,11 +47,12 @@ def prewitt_kernels(spatial_dims: int, dtype: torch.dtype = torch.float32, devic
     return torch.stack(kernels)[:, None]
 
 
-def gradient_magnitude(image: torch.Tensor) -> torch.Tensor:
-    """Prewitt gradient magnitude of every channel (zero padding, as FAIR's ``F.conv2d(padding=1)``).
+def gradient_magnitude(image: torch.Tensor, padding_mode: str = "replicate") -> torch.Tensor:
+    """Prewitt gradient magnitude of every channel.
 
     Args:
         image: ``(B, C, *spatial)``, 2D or 3D.
+        padding_mode: ``"replicate"`` (default), ``"reflect"`` or ``"zeros"`` (FAIR's ``F.conv2d(padding=1)``).
 
     Returns:
         ``(B, C, *spatial)``.
@@ -50,22 +60,37 @@ def gradient_magnitude(image: torch.Tensor) -> torch.Tensor:
     spatial_dims = image.ndim - 2
     if spatial_dims not in (2, 3):
         raise ValueError(f"gradient_similarity.py: expected 2D or 3D images, got shape {tuple(image.shape)}.")
+    if padding_mode not in GRADIENT_PADDING_MODES:
+        raise ValueError(
+            f"gradient_similarity.py: unknown padding mode {padding_mode!r}; use one of {GRADIENT_PADDING_MODES}."
+        )
     conv = F.conv2d if spatial_dims == 2 else F.conv3d
     batch, channels = image.shape[:2]
     flat = image.reshape(batch * channels, 1, *image.shape[2:]).float()
-    grads = conv(flat, prewitt_kernels(spatial_dims, device=image.device), padding=1)
+    if padding_mode == "reflect" and min(flat.shape[2:]) < 2:
+        padding_mode = "replicate"  # reflect needs two samples per axis
+    if padding_mode != "zeros":
+        flat = F.pad(flat, [1] * (2 * spatial_dims), mode=padding_mode)
+    grads = conv(flat, prewitt_kernels(spatial_dims, device=image.device), padding=1 if padding_mode == "zeros" else 0)
     magnitude = torch.sqrt((grads**2).sum(dim=1, keepdim=True) + 1e-12)
     return magnitude.reshape(image.shape)
 
 
-def gradient_magnitude_similarity(x: torch.Tensor, y: torch.Tensor, c: float = 0.0026) -> torch.Tensor:
+def gradient_magnitude_similarity(
+    x: torch.Tensor, y: torch.Tensor, c: float = 0.0026, padding_mode: str = "replicate"
+) -> torch.Tensor:
     """Per-channel GMS map ``(2 g_x g_y + c) / (g_x^2 + g_y^2 + c)`` of ``(B, C, *spatial)`` inputs."""
-    gx, gy = gradient_magnitude(x), gradient_magnitude(y)
+    gx, gy = gradient_magnitude(x, padding_mode), gradient_magnitude(y, padding_mode)
     return (2 * gx * gy + c) / (gx**2 + gy**2 + c + 1e-12)
 
 
 def msgms_map(
-    x: torch.Tensor, y: torch.Tensor, scales: int = 2, c: float = 0.0026, grayscale: bool = False
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scales: int = 2,
+    c: float = 0.0026,
+    grayscale: bool = False,
+    padding_mode: str = "replicate",
 ) -> torch.Tensor:
     """MSGMS anomaly map ``1 - mean_s upsample(GMS_s)``, averaged over channels.
 
@@ -75,6 +100,7 @@ def msgms_map(
         scales: pyramid levels (FAIR: 2, the original and a 2x downsampled copy).
         c: GMS stability constant (FAIR/GMSD: 0.0026).
         grayscale: compare BT.601 gray versions of RGB inputs instead of averaging channel maps.
+        padding_mode: border extension of the Prewitt filters (see the module docstring; official: ``"zeros"``).
 
     Returns:
         ``(B, 1, *spatial)``, 0 where the images' gradients agree, at most 1.
@@ -91,6 +117,6 @@ def msgms_map(
     for scale in range(scales):
         if scale > 0:
             x, y = pool(x, 2, stride=2), pool(y, 2, stride=2)
-        gms = gradient_magnitude_similarity(x, y, c)
+        gms = gradient_magnitude_similarity(x, y, c, padding_mode)
         total = total + (gms if scale == 0 else F.interpolate(gms, size=spatial, mode=mode, align_corners=False))
     return (1 - total / scales).mean(dim=1, keepdim=True)

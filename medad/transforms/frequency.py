@@ -14,6 +14,15 @@ each axis' distance is rescaled by ``cutoff_reference_size / N_axis`` so the cut
 same *fraction* of the spectrum at any size (``D0 = 30`` on 256^2 acts like ``D0 = 15`` on 128^2;
 on non-square images the pass band becomes an ellipse, exactly what resizing to 256^2 would give).
 Pass ``cutoff_reference_size=None`` to use raw frequency-index distances.
+
+Border handling: the discrete Fourier transform treats the image as one tile of a periodic pattern, so the
+left edge meets the right edge. Unless the two match (rarely), that seam is a step edge, and a high-pass
+turns it into a bright band along every border of the network's input: the restoration is worse there and
+every FAIR anomaly map gets a frame whose maximum is often the image score (issue #11). :func:`highpass`
+therefore filters the half-sample symmetric extension of the image (the image and its mirror copies, which
+tile seamlessly: the DCT's implicit extension) and crops the result, by default (``extension="symmetric"``);
+``extension="periodic"`` is the plain FFT of the paper's code (``liutongkun/FAIR``). The cutoff is the same
+physical frequency either way (cycles per image side).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from medad.scores.color import to_grayscale
 
 __all__ = [
     "FILTER_KINDS",
+    "EXTENSIONS",
+    "symmetric_extension",
     "frequency_distance",
     "butterworth_highpass_filter",
     "gaussian_highpass_filter",
@@ -42,6 +53,8 @@ __all__ = [
 ]
 
 FILTER_KINDS = ("butterworth", "gaussian", "ideal")
+#: how the image is extended beyond its borders by the Fourier filter (see the module docstring).
+EXTENSIONS = ("symmetric", "periodic")
 
 def frequency_distance(
     shape: Sequence[int],
@@ -126,12 +139,24 @@ def highpass_transfer_function(
     raise ValueError(f"frequency.py: unknown high-pass filter kind {kind!r}; use one of {FILTER_KINDS}.")
 
 
+def symmetric_extension(image: torch.Tensor) -> torch.Tensor:
+    """Half-sample symmetric extension: ``[x, flip(x)]`` along every spatial axis of ``(B, C, *spatial)``.
+
+    The result is twice as long on every spatial axis and continuous when tiled periodically, so an FFT
+    filter sees no seam at the image borders. The original image is the leading ``spatial`` corner.
+    """
+    for dim in range(2, image.ndim):
+        image = torch.cat([image, image.flip(dim)], dim=dim)
+    return image
+
+
 def highpass(
     image: torch.Tensor,
     kind: str = "butterworth",
     cutoff: float = 30.0,
     order: int = 2,
     cutoff_reference_size: int | None = 256,
+    extension: str = "symmetric",
 ) -> torch.Tensor:
     """High-pass filter every channel of a batch in the Fourier domain (FAIR eq. 5).
 
@@ -141,18 +166,29 @@ def highpass(
         cutoff: ``D0`` in units of a ``cutoff_reference_size``-long axis (see module docstring).
         order: Butterworth order ``n``.
         cutoff_reference_size: image size for which ``cutoff`` is meant; ``None`` for raw units.
+        extension: ``"symmetric"`` (default: filter the mirrored extension and crop, no border artefact) or
+            ``"periodic"`` (plain FFT as the official FAIR code; the image borders wrap around).
 
     Returns:
         ``(B, C, *spatial)`` real part of the filtered image, same dtype as ``image``.
     """
     if image.ndim < 3:
         raise ValueError(f"frequency.py: highpass expects a (B, C, *spatial) tensor, got shape {tuple(image.shape)}.")
+    if extension not in EXTENSIONS:
+        raise ValueError(f"frequency.py: unknown Fourier-filter extension {extension!r}; use one of {EXTENSIONS}.")
     spatial = tuple(image.shape[2:])
     dims = tuple(range(2, image.ndim))
-    transfer = highpass_transfer_function(spatial, kind, cutoff, order, cutoff_reference_size).to(image.device)
-    spectrum = torch.fft.fftshift(torch.fft.fftn(image.float(), dim=dims), dim=dims)
-    filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * transfer, dim=dims), dim=dims)
-    return filtered.real.to(image.dtype)
+    signal = image.float()
+    if extension == "symmetric":
+        # Every axis doubles, so one cycle per image side is frequency index 2: a raw-index cutoff doubles, while
+        # reference-size scaling (distance x reference / axis length) already accounts for the longer axis.
+        signal = symmetric_extension(signal)
+        if cutoff_reference_size is None:
+            cutoff = 2.0 * cutoff
+    transfer = highpass_transfer_function(tuple(signal.shape[2:]), kind, cutoff, order, cutoff_reference_size)
+    spectrum = torch.fft.fftshift(torch.fft.fftn(signal, dim=dims), dim=dims)
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * transfer.to(image.device), dim=dims), dim=dims).real
+    return filtered[(..., *(slice(0, s) for s in spatial))].to(image.dtype)
 
 
 def sobel_gradients(image: torch.Tensor) -> torch.Tensor:
@@ -191,6 +227,7 @@ class HighPassd(MapTransform):
         order: Butterworth order (default 2).
         grayscale: convert RGB to gray first (FAIR does; default True).
         cutoff_reference_size: see the module docstring (default 256).
+        extension: ``"symmetric"`` (default) or ``"periodic"`` border handling, see :func:`highpass`.
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -203,6 +240,7 @@ class HighPassd(MapTransform):
         order: int = 2,
         grayscale: bool = True,
         cutoff_reference_size: int | None = 256,
+        extension: str = "symmetric",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -214,6 +252,9 @@ class HighPassd(MapTransform):
         self.order = order
         self.grayscale = grayscale
         self.cutoff_reference_size = cutoff_reference_size
+        if extension not in EXTENSIONS:
+            raise ValueError(f"frequency.py: unknown Fourier-filter extension {extension!r}; use one of {EXTENSIONS}.")
+        self.extension = extension
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -223,7 +264,9 @@ class HighPassd(MapTransform):
             if self.grayscale:
                 image = to_grayscale(image)
             out_key = self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"
-            d[out_key] = highpass(image, self.kind, self.cutoff, self.order, self.cutoff_reference_size)[0]
+            d[out_key] = highpass(
+                image, self.kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension
+            )[0]
         return d
 
 

@@ -31,8 +31,11 @@ import contextlib
 import functools
 import io
 import json
+import logging
+import math
 import os
 import tempfile
+import warnings
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,11 +74,17 @@ __all__ = [
     "load_registration_record",
     "apply_forward_transform",
     "apply_inverse_transform",
+    "anti_aliasing_sigma",
+    "GaussianAntiAliasd",
+    "brain_geometry",
+    "brain_geometry_range",
+    "CheckBrainGeometryd",
 ]
 
-SKULL_STRIP_BACKENDS: tuple[str, ...] = ("deepbet", "brainextractor", "atlas")
-REGISTRATION_TRANSFORMS: dict[str, str] = {"rigid": "Rigid", "affine": "Affine", "syn": "SyN"}
-NORMALIZATION_MODES: tuple[str, ...] = ("minmax", "zscore")
+logger = logging.getLogger("medad.transforms.mri")
+
+# the choices live in a module without heavy imports, so `medad preprocess --help` answers at once
+from medad.preprocess_args import NORMALIZATION_MODES, REGISTRATION_TRANSFORMS, SKULL_STRIP_BACKENDS  # noqa: E402
 REGISTRATION_RECORD_NAME = "registration.json"
 
 # RAS <-> LPS: ITK/ANTs world coordinates have x and y negated relative to NIfTI/nibabel.
@@ -767,3 +776,160 @@ def apply_forward_transform(moving: MetaTensor | torch.Tensor | np.ndarray | str
     if output_path is not None:
         save_volume(out, output_path)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading-time helpers: anti-aliased downsampling, and a check that test volumes are in the training space.
+
+
+def anti_aliasing_sigma(current: Sequence[float], target: Sequence[float]) -> list[float]:
+    """Gaussian σ in voxels before resampling from spacing ``current`` to ``target`` (mm), per axis.
+
+    scikit-image's ``resize(anti_aliasing=True)`` rule ``σ = max(0, (zoom - 1) / 2)`` with ``zoom = target /
+    current``: 0 on axes that keep or refine their spacing, 0.5 for a 2x coarser grid.
+    """
+    return [max(0.0, (float(t) / float(c) - 1.0) / 2.0) for c, t in zip(current, target)]
+
+
+class GaussianAntiAliasd(MapTransform):
+    """Gaussian pre-filter of the axes that a later ``Spacingd(pixdim)`` makes coarser (anti-aliasing).
+
+    ``Spacingd`` interpolates without low-pass filtering, so downsampling a 1 mm volume to 2 mm aliases fine
+    texture into patterns a restoration model then learns as normal (DISYRE's data are downsampled with
+    anti-aliasing, issue #11). Put this
+    right before ``Spacingd`` with the same ``pixdim``; it reads the current voxel size from the MetaTensor's
+    affine and filters with :func:`anti_aliasing_sigma` (edge-replicating borders, so a constant stays
+    constant). Masks must not go through it (they are resampled with nearest neighbours).
+
+    Args:
+        keys: image keys (channel-first MetaTensors ``(C, *spatial)``).
+        pixdim: the target voxel size in mm, one value or one per axis.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim: float | Sequence[float], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = pixdim
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medad.scores.filters import gaussian_filter_map
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            spatial_dims = image.ndim - 1
+            current = [float(v) for v in torch.as_tensor(image.pixdim)[:spatial_dims]] if isinstance(
+                image, MetaTensor) else [1.0] * spatial_dims
+            target = [float(self.pixdim)] * spatial_dims if np.isscalar(self.pixdim) else list(self.pixdim)
+            # Spacingd keeps an axis whose target is <= 0 or missing; so does the filter
+            target = [t if t and t > 0 else c for c, t in zip(current, list(target) + current[len(target):])]
+            sigma = anti_aliasing_sigma(current, target)
+            if any(s > 0 for s in sigma):
+                d[key] = gaussian_filter_map(image[None].float(), sigma, padding_mode="replicate")[0]
+        return d
+
+
+def brain_geometry(brain_mask: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """Brain volume (ml) and bounding-box extent (mm, along the world x, y, z axes) of a binary mask.
+
+    Args:
+        brain_mask: ``(X, Y, Z)`` or ``(1, X, Y, Z)``; voxels > 0 are brain.
+        affine: ``4 x 4`` voxel-to-world matrix (mm).
+
+    Returns:
+        ``{"volume_ml": float, "extent_mm": [ex, ey, ez]}`` (zeros for an empty mask).
+    """
+    mask = np.asarray(brain_mask.detach().cpu() if isinstance(brain_mask, torch.Tensor) else brain_mask)
+    mask = mask.reshape(mask.shape[-3:]) > 0
+    matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    voxel_ml = abs(np.linalg.det(matrix[:3, :3])) / 1000.0
+    index = np.argwhere(mask)
+    if index.size == 0:
+        return {"volume_ml": 0.0, "extent_mm": [0.0, 0.0, 0.0]}
+    # the corners of the index bounding box, mapped to world: exact for axis-aligned grids, a tight box otherwise
+    lo, hi = index.min(0) - 0.5, index.max(0) + 0.5
+    corners = np.array([[c[0], c[1], c[2], 1.0] for c in np.array(np.meshgrid(*zip(lo, hi))).reshape(3, -1).T])
+    world = corners @ matrix.T
+    extent = world[:, :3].max(0) - world[:, :3].min(0)
+    return {"volume_ml": float(mask.sum() * voxel_ml), "extent_mm": [float(e) for e in extent]}
+
+
+def brain_geometry_range(items: Sequence[Mapping[str, Any]], max_cases: int = 50,
+                         image_key: str = "image", brain_mask_key: str = "brain_mask") -> dict[str, Any]:
+    """Range (min, max) of :func:`brain_geometry` over (up to ``max_cases``, evenly spaced) datalist items.
+
+    The brain mask file of each item is read (nibabel), or, without one, the image's nonzero voxels (a
+    skull-stripped volume), as :func:`medad.data.volume_transforms` does.
+
+    Returns:
+        ``{"volume_ml": [lo, hi], "extent_mm": [[lo, hi]] * 3, "num_cases": n}``; ``{}`` for no items.
+    """
+    if not items:
+        return {}
+    step = max(1, math.ceil(len(items) / max_cases))
+    stats = []
+    for item in list(items)[::step]:
+        path = item.get(brain_mask_key) or item[image_key]
+        img = nib.load(str(path))
+        stats.append(brain_geometry(np.asanyarray(img.dataobj) != 0, img.affine))
+    volumes = [s["volume_ml"] for s in stats]
+    extents = np.array([s["extent_mm"] for s in stats])
+    return {
+        "volume_ml": [min(volumes), max(volumes)],
+        "extent_mm": [[float(a), float(b)] for a, b in zip(extents.min(0), extents.max(0))],
+        "num_cases": len(stats),
+    }
+
+
+class CheckBrainGeometryd(MapTransform):
+    """Warn when a test volume's brain is not in the training volumes' space (issue #11 item 7).
+
+    Test volumes put into "MNI space" by another pipeline can differ in scale by ~15 % from the training
+    volumes: the model then sees every brain structure at the wrong place and size. This compares the brain
+    volume (ml) and bounding-box extent (mm) of each case (its ``brain_mask``, after loading and resampling)
+    with the training set's range from :func:`brain_geometry_range`; more than ``tolerance`` outside it gives a
+    warning that names the file. The data pass through unchanged.
+
+    Args:
+        keys: the brain-mask key (``(1, X, Y, Z)`` MetaTensor with its affine).
+        reference: :func:`brain_geometry_range` of the training set.
+        tolerance: relative margin around the training range (0.1 = 10 %).
+        image_key: key whose ``filename_or_obj`` names the case in the warning.
+    """
+
+    def __init__(self, keys: KeysCollection = "brain_mask", reference: Mapping[str, Any] | None = None,
+                 tolerance: float = 0.1, image_key: str = "image") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.reference = dict(reference or {})
+        self.tolerance = float(tolerance)
+        self.image_key = image_key
+
+    def problems(self, geometry: Mapping[str, Any]) -> list[str]:
+        """Human-readable deviations of one case's :func:`brain_geometry` from the reference range."""
+        if not self.reference:
+            return []
+        found = []
+        ranges = [("brain volume", "ml", geometry["volume_ml"], self.reference["volume_ml"])]
+        ranges += [(f"{axis}-extent", "mm", value, bounds)
+                   for axis, value, bounds in zip("xyz", geometry["extent_mm"], self.reference["extent_mm"])]
+        for name, unit, value, (lo, hi) in ranges:
+            if not lo * (1 - self.tolerance) <= value <= hi * (1 + self.tolerance):
+                found.append(f"{name} {value:.0f} {unit} (training {lo:.0f}-{hi:.0f} {unit})")
+        return found
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = d[key]
+            affine = mask.affine if isinstance(mask, MetaTensor) else np.eye(4)
+            found = self.problems(brain_geometry(mask, affine))
+            if found:
+                image = d.get(self.image_key)
+                name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+                name = name or d.get("case_id") or "a test volume"
+                message = (f"{name}: {', '.join(found)} is more than {self.tolerance:.0%} outside the training "
+                           "volumes' range, so it is probably not in the training space; run `medad preprocess` on "
+                           "it (the same registration as the training data) before evaluating.")
+                warnings.warn(message, stacklevel=2)
+                logger.warning(message)
+        return d
