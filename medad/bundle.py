@@ -130,7 +130,7 @@ def run(
     files = config_files(bundle, workflow) + list(extra_configs or [])
     override.setdefault("bundle_root", str(bundle))
     if workflow in ("inference", "evaluate"):  # rebuild the stored network; the user never repeats --quick etc.
-        override.update(_stored_settings(files, override))
+        override.update(_stored_settings(files, override, workflow))
     logging_file = bundle / "configs" / "logging.conf"
     monai_run(
         run_id=run_id,
@@ -141,7 +141,7 @@ def run(
     )
 
 
-def _stored_settings(files: Sequence[str], override: dict[str, Any]) -> dict[str, Any]:
+def _stored_settings(files: Sequence[str], override: dict[str, Any], workflow: str = "inference") -> dict[str, Any]:
     """Overrides that rebuild the network and settings stored with the model the workflow will load.
 
     The model is the config's ``ckpt_path`` (default ``<run_dir>/models/model.pt``, or the bundle's shipped
@@ -163,7 +163,10 @@ def _stored_settings(files: Sequence[str], override: dict[str, Any]) -> dict[str
     record = read_run_record(folder)
     if record is None:
         return {}
-    return settings_overrides(record, parser.get(), override, source=str(folder / "run.json"))
+    from medad.engine.run_folder import TRAINING_DATA_KEYS
+
+    data_keys = TRAINING_DATA_KEYS if workflow == "evaluate" else ()
+    return settings_overrides(record, parser.get(), override, source=str(folder / "run.json"), data_keys=data_keys)
 
 
 def verify_metadata(config: str | os.PathLike) -> None:

@@ -74,7 +74,7 @@ def test_training_step_gives_finite_loss_and_gradients():
 
 def test_training_loss_is_l2_plus_one_minus_ssim_and_input_is_the_highpass():
     images = torch.rand(2, 3, 16, 16)
-    step = FairTrainingStep(corrupt=False)
+    step = FairTrainingStep(corrupt=False, margin=0)  # margin 0: the Recorder returns image-sized outputs
     exact = Recorder(images.clone())
     out = step(exact, {"image": images})
     assert float(out["loss"].detach()) < 1e-6  # perfect restoration: L2 = 0 and SSIM = 1
@@ -91,7 +91,7 @@ def test_corruption_changes_the_input_but_clean_branch_does_not():
     never = FairTrainingStep(p_clean=1.0, rotate_prob=0.0)
     targets, corrupted = never.corrupt_batch(images)
     assert torch.equal(targets, images) and torch.equal(corrupted, images)
-    always = FairTrainingStep(p_clean=0.0, rotate_prob=0.0, seed=1)
+    always = FairTrainingStep(p_clean=0.0, rotate_prob=0.0, seed=1, margin=0)
     targets, corrupted = always.corrupt_batch(images)
     assert torch.equal(targets, images)
     changed = (corrupted - images).abs().flatten(1).amax(dim=1) > 0
@@ -139,7 +139,7 @@ def test_inferer_shapes_and_ranges(anomaly_map: str):
 
 def test_identical_restoration_gives_a_zero_map_and_a_defect_is_found_where_it_is():
     images = torch.rand(2, 3, 32, 32)
-    inferer = FrequencyRestorationInferer(mean_filter_size=5)
+    inferer = FrequencyRestorationInferer(mean_filter_size=5, margin=0)  # the Recorder returns image-sized outputs
     out = inferer(images, Recorder(images.clone()))
     assert out["anomaly_map"].abs().max() < 1e-6
     assert torch.equal(out["restoration"], images)

@@ -139,3 +139,26 @@ def test_dictionary_transforms():
     assert out["gradients"].shape == (2, 32, 32)
     with pytest.raises(ValueError, match="unknown high-pass"):
         HighPassd("image", kind="box")
+
+
+def test_restoration_on_a_mirror_padded_canvas_is_cropped_back():
+    from medad.inferers.frequency import FrequencyRestorationInferer, restore_from_high_frequency
+
+    seen = []
+
+    def network(x):  # records the canvas it is given; "restores" a zero-padding-like rim artefact
+        seen.append(tuple(x.shape))
+        out = torch.full((x.shape[0], 3, *x.shape[2:]), 0.5)
+        out[..., :2, :] = 0.0
+        return out
+
+    images = torch.rand(2, 3, 32, 48)
+    plain = restore_from_high_frequency(network, images)
+    padded = restore_from_high_frequency(network, images, margin=8)
+    assert seen == [(2, 1, 32, 48), (2, 1, 48, 64)]
+    assert plain.shape == padded.shape == (2, 3, 32, 48)
+    assert (plain[..., 0, :] == 0).all() and (padded == 0.5).all()  # the rim falls in the cropped margin
+    out = FrequencyRestorationInferer(margin=8, mean_filter_size=5)(images, network)
+    assert out["restoration"].shape == images.shape and out["anomaly_map"].shape == (2, 1, 32, 48)
+    with pytest.raises(ValueError, match="margin"):
+        restore_from_high_frequency(network, images, margin=32)

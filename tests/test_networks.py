@@ -74,3 +74,23 @@ def test_timestep_embedding_closed_form():
     expected = torch.tensor([[1.0, 1.0, 0.0, 0.0], [torch.cos(torch.tensor(5.0)), torch.cos(torch.tensor(0.05)),
                                                   torch.sin(torch.tensor(5.0)), torch.sin(torch.tensor(0.05))]])
     assert torch.allclose(emb, expected, atol=1e-6)
+
+
+def test_residual_output_starts_as_identity_and_learns_a_change():
+    torch.manual_seed(0)
+    net = small(output_activation="residual")
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(net(x, torch.tensor([1, 2])), x)  # untrained: exactly "do nothing"
+    target = x.clone()
+    target[:, :, 4:8, 4:8] = 0.0
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    start = torch.nn.functional.mse_loss(net(x, torch.tensor([1, 2])), target).item()
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(net(x, torch.tensor([1, 2])), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * start  # the zero-initialised head still receives gradients
+    with pytest.raises(ValueError, match="in_channels == out_channels"):
+        small(out_channels=1, output_activation="residual")
+    torch.jit.script(net)

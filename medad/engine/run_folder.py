@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,11 @@ def _literal(value: Any) -> tuple[bool, Any]:
 
 
 def settings_overrides(
-    record: Mapping[str, Any], config: Mapping[str, Any], override: Mapping[str, Any], source: str
+    record: Mapping[str, Any],
+    config: Mapping[str, Any],
+    override: Mapping[str, Any],
+    source: str,
+    data_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The overrides that rebuild a stored run's network and settings, checked against explicit ones.
 
@@ -110,6 +114,8 @@ def settings_overrides(
         config: the workflow's merged config (only keys it has are set).
         override: the user's explicit overrides.
         source: the run record's file, for messages.
+        data_keys: keys of the record's ``data`` to fill in as well (``evaluate``: the training data, so a user
+            evaluating a run on new test data never repeats ``--dataset_dir``).
 
     Returns:
         overrides to add (stored values the user did not give).
@@ -117,7 +123,8 @@ def settings_overrides(
     Raises:
         RunFolderMismatchError: an explicit override disagrees with the stored value (names key and both values).
     """
-    wanted: dict[str, Any] = {k: v for k, v in record.get("settings", {}).items() if k in config}
+    wanted: dict[str, Any] = {k: v for k, v in record.get("data", {}).items() if k in data_keys and k in config}
+    wanted.update({k: v for k, v in record.get("settings", {}).items() if k in config})
     network = dict(record.get("network", {}))
     network_def = config.get("network_def")
     stored_target = network.pop("_target_", None)

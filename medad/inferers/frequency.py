@@ -122,15 +122,18 @@ class FrequencyRestorationInferer(AnomalyInferer):
         msgms_scales: MSGMS pyramid levels (FAIR: 2).
         channel_order: ``"rgb"`` (correct colour conversion, default) or ``"bgr"`` (reproduces the official code,
             which feeds OpenCV's BGR arrays to kornia's ``rgb_to_lab``).
-        padding_mode: mean-filter padding: ``"reflect"`` (default) or ``"zeros"`` (FAIR's code).
-        gradient_padding_mode: Prewitt padding in MSGMS: ``"replicate"`` (default) or ``"zeros"`` (FAIR's code).
+        padding_mode: mean-filter padding: ``"zeros"`` (default, FAIR's code; damps the map near the border) or
+            ``"reflect"``.
+        gradient_padding_mode: Prewitt padding in MSGMS: ``"reflect"`` (default), ``"replicate"`` or ``"zeros"`` (FAIR's code).
         extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (FAIR's code); must
             be what the network was trained with (:class:`medad.methods.fair.FairTrainingStep` ``extension``).
-        margin: restore on a canvas mirror-padded by this many pixels (see :func:`restore_from_high_frequency`); must
-            be what the network was trained with (``FairTrainingStep`` ``margin``).
+        margin: restore on a canvas mirror-padded by this many pixels (default 8; 0: the official full-image
+            restoration; see :func:`restore_from_high_frequency`); must be what the network was trained with
+            (``FairTrainingStep`` ``margin``).
 
-    The three defaults remove the bright frame along the image border that FAIR's code puts in every map
-    (issue #11; measured in ``docs/results.md``); the official values reproduce it.
+    The defaults of ``extension``, ``margin`` and ``gradient_padding_mode`` remove most of the bright frame along the
+    image border that FAIR's settings put in the maps (issue #11; measured in ``docs/results.md``);
+    ``extension="periodic", margin=0, gradient_padding_mode="zeros"`` are the official code.
     """
 
     def __init__(
@@ -144,10 +147,10 @@ class FrequencyRestorationInferer(AnomalyInferer):
         mean_filter_size: int = 21,
         msgms_scales: int = 2,
         channel_order: str = "rgb",
-        padding_mode: str = "reflect",
-        gradient_padding_mode: str = "replicate",
+        padding_mode: str = "zeros",
+        gradient_padding_mode: str = "reflect",
         extension: str = "symmetric",
-        margin: int = 0,
+        margin: int = 8,
     ) -> None:
         super().__init__()
         extractor_channels(filter_kind)

@@ -44,8 +44,9 @@ class FairTrainingStep(nn.Module):
         cutoff_reference_size: the image size ``cutoff`` refers to (256).
         extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (official code),
             see :func:`medad.inferers.frequency.high_frequency_input`; the inferer must use the same.
-        margin: restore on a canvas mirror-padded by this many pixels
-            (:func:`medad.inferers.frequency.restore_from_high_frequency`); the inferer must use the same.
+        margin: restore on a canvas mirror-padded by this many pixels (default 8, 0 = official; removes the
+            network's border rim, :func:`medad.inferers.frequency.restore_from_high_frequency`); the inferer must
+            use the same.
         corrupt: add FAIR's synthetic anomalies (False: a plain frequency-restoration autoencoder).
         texture_source: DTD-like texture folder, or None for the image's own texture (the paper's
             "no extra data" variant, Table 12).
@@ -70,7 +71,7 @@ class FairTrainingStep(nn.Module):
         order: int = 2,
         cutoff_reference_size: int | None = 256,
         extension: str = "symmetric",
-        margin: int = 0,
+        margin: int = 8,
         corrupt: bool = True,
         texture_source: str | Path | None = None,
         p_perlin: float = 0.5,

@@ -163,7 +163,11 @@ class AnomalyUNet(nn.Module):
         act: activation name from MONAI's factory. Default ``"SWISH"``.
         dropout: dropout in residual blocks. Default 0.
         mid_attention: self-attention in the bottleneck; default follows ``attention_levels[-1]``.
-        output_activation: ``None`` or ``"sigmoid"`` (restoration networks that output images in [0, 1]).
+        output_activation: ``None``, ``"sigmoid"`` (restoration networks that output images in [0, 1]) or
+            ``"residual"``: the prediction is ``x + f(x)`` with ``f``'s last convolution initialised to zero, so
+            the untrained network returns its input (an identity-friendly x₀ parametrisation: a restoration
+            network starts at "do nothing" and only has to learn the change; needs ``in_channels ==
+            out_channels`` and no learned variance).
 
     Input spatial sizes must be divisible by ``2 ** (len(channels) - 1)``.
     """
@@ -212,7 +216,12 @@ class AnomalyUNet(nn.Module):
         self.learned_variance = learned_variance
         self.add_skips = skip_mode == "add"
         self.size_divisor = 2 ** (levels - 1)
+        if output_activation not in (None, "sigmoid", "residual"):
+            raise ValueError(f"output_activation must be None, 'sigmoid' or 'residual', got {output_activation!r}.")
+        if output_activation == "residual" and (in_channels != out_channels or learned_variance):
+            raise ValueError("output_activation='residual' needs in_channels == out_channels and no learned variance.")
         self.output_sigmoid = output_activation == "sigmoid"
+        self.output_residual = output_activation == "residual"
         conv = Conv[Conv.CONV, spatial_dims]
         emb_channels = 4 * channels[0] if with_timestep else 0
         self.emb_channels = emb_channels
@@ -281,6 +290,9 @@ class AnomalyUNet(nn.Module):
         self.out_norm = _norm(norm, spatial_dims, ch, norm_num_groups)
         self.out_act = get_act_layer(act)
         self.conv_out = conv(ch, out_channels * (2 if learned_variance else 1), kernel_size=3, padding=1)
+        if self.output_residual:  # start as the identity map
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     def _embed(self, x: torch.Tensor, timesteps: Optional[torch.Tensor]) -> torch.Tensor:
         if not self.with_timestep:
@@ -334,6 +346,8 @@ class AnomalyUNet(nn.Module):
         out = self.conv_out(self.out_act(self.out_norm(h)))
         if self.output_sigmoid:
             out = torch.sigmoid(out)
+        if self.output_residual:
+            out = x + out
         return out
 
     @torch.jit.export

@@ -18,8 +18,8 @@ def fair_anomaly_map(
     mean_filter_size: int = 21,
     msgms_scales: int = 2,
     channel_order: str = "rgb",
-    padding_mode: str = "reflect",
-    gradient_padding_mode: str = "replicate",
+    padding_mode: str = "zeros",
+    gradient_padding_mode: str = "reflect",
 ) -> torch.Tensor:
     """``mean_filter(MSGMS(x, x_hat) + color_weight * ((Δa*)^2 + (Δb*)^2))``; the image score is its max.
 
@@ -30,9 +30,10 @@ def fair_anomaly_map(
         mean_filter_size: side of the mean filter (FAIR: 21 on 256^2 images; 1 disables it).
         msgms_scales: pyramid levels of MSGMS (FAIR: 2).
         channel_order: ``"rgb"`` (default) or ``"bgr"``, see :func:`medad.scores.color.cielab_color_map`.
-        padding_mode: mean-filter padding: ``"reflect"`` (default) or ``"zeros"`` (FAIR's code, which damps the
-            map within ``mean_filter_size // 2`` pixels of the border, hiding defects there).
-        gradient_padding_mode: Prewitt padding inside MSGMS: ``"replicate"`` (default) or ``"zeros"`` (FAIR's
+        padding_mode: mean-filter padding: ``"zeros"`` (default, FAIR's code: the map is damped within
+            ``mean_filter_size // 2`` pixels of the border, to at most half at the edges, defects there too) or
+            ``"reflect"`` (no damping; measured to leave more of the restoration's border error in the map).
+        gradient_padding_mode: Prewitt padding inside MSGMS: ``"reflect"`` (default) or ``"zeros"`` (FAIR's
             code, which makes MSGMS compare intensities instead of gradients along the border).
 
     Returns:
