@@ -199,6 +199,7 @@ MRI_SLICES = {
     },
     "slice_inferer": {"_target_": "medad.inferers.SliceInferer", "inferer": "@inferer", "size_divisor": 4},
     "evaluator#inferer": "@slice_inferer",
+    "monitor#inferer": "@slice_inferer",
     "evaluator#region_key": "brain_mask",
 }
 
