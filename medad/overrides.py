@@ -233,6 +233,9 @@ def _parse(key: str, text: str | None, default: Any) -> Any:
         # monai.bundle.run drops None-valued overrides (update_kwargs(ignore_none=True)): say None as an expression
         return "$None"
     if kind == "str":
+        choices = key_descriptions().get(key, {}).get("choices")
+        if choices and text not in choices:
+            raise OverrideError(f"--{key} takes one of {', '.join(choices)}, not {text!r}.")
         return text
     value = _literal(text)
     if kind == "int":

@@ -74,6 +74,18 @@ def test_types_are_checked_against_the_defaults():
             check_overrides(FAIR_TRAIN, {key: text})
 
 
+@pytest.mark.parametrize("workflow", ["train", "inference"])
+def test_save_maps_takes_only_its_choices_and_reaches_every_evaluator(workflow: str):
+    for name in BUNDLES:
+        files = bundle.config_files(REPO / "bundles" / name, workflow)
+        assert check_overrides(files, {"save_maps": "anomalous", "num_overlays": "0"}) == {
+            "save_maps": "anomalous", "num_overlays": 0}
+        evaluator = merged_config(files)["evaluator"]
+        assert (evaluator["save_maps"], evaluator["num_overlays"]) == ("@save_maps", "@num_overlays"), name
+    with pytest.raises(OverrideError, match="takes one of all, anomalous, none, not 'some'"):
+        check_overrides(FAIR_TRAIN, {"save_maps": "some"})
+
+
 def test_none_survives_monai_run_and_expressions_pass_through():
     # monai.bundle.run drops None-valued overrides, so None travels as the expression "$None"
     assert check_overrides(FAIR_TRAIN, {"max_steps": "none", "category": "null"}) == {
