@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -123,6 +125,8 @@ def _set_nested(config: dict[str, Any], key: str, value: Any) -> None:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
+        elif depth == len(parts) - 1 and isinstance(node, dict) and part in _target_parameters(node):
+            return _target_parameters(node)[part]  # an argument of the component that its config leaves at default
         else:
             return  # MONAI would fail on it too; not a setting this module checks
     if isinstance(node, list) and parts[-1].isdigit():
@@ -149,6 +153,28 @@ def _closest(key: str, candidates: Sequence[str]) -> str:
     return f"did you mean --{match[0]}?" if match else "see --help for the keys this bundle takes."
 
 
+def _target_parameters(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``name -> default`` of the keyword arguments of a config section's ``_target_`` (empty when it has none).
+
+    A component's arguments that its config leaves out (``--training_step#margin 0``) are valid overrides, as in
+    MONAI; a required argument without default maps to None (its type is not checked).
+    """
+    target = section.get("_target_")
+    if not isinstance(target, str) or target[:1] in "$@%":
+        return {}
+    module_name, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(obj).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
 def _lookup(config: Mapping[str, Any], key: str) -> Any:
     """The default of ``key`` (``a#b#c`` walks into sections); raises :class:`OverrideError` when it does not exist."""
     parts = key.split(_SEP)
@@ -159,9 +185,12 @@ def _lookup(config: Mapping[str, Any], key: str) -> Any:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
+        elif depth == len(parts) - 1 and isinstance(node, dict) and part in _target_parameters(node):
+            return _target_parameters(node)[part]  # an argument of the component that its config leaves at default
         else:
             if isinstance(node, dict):
-                names = [n for n in node if depth or n not in HIDDEN_KEYS]
+                names = [n for n in node if (depth or n not in HIDDEN_KEYS) and not n.startswith("_")]
+                names += [n for n in (_target_parameters(node) if depth == len(parts) - 1 else {}) if n not in node]
                 choices = [f"{prefix}{_SEP}{n}" if prefix else n for n in names]
             else:
                 choices = []

@@ -86,6 +86,15 @@ def test_save_maps_takes_only_its_choices_and_reaches_every_evaluator(workflow: 
         check_overrides(FAIR_TRAIN, {"save_maps": "some"})
 
 
+def test_arguments_a_component_leaves_at_default_are_valid_overrides():
+    typed = check_overrides(FAIR_TRAIN, {"training_step#margin": "0", "training_step#extension": "periodic"})
+    assert typed == {"training_step#margin": 0, "training_step#extension": "periodic"}
+    with pytest.raises(OverrideError, match="did you mean --training_step#margin"):
+        check_overrides(FAIR_TRAIN, {"training_step#margn": "0"})
+    with pytest.raises(OverrideError, match="takes an integer"):
+        check_overrides(FAIR_TRAIN, {"training_step#margin": "wide"})
+
+
 def test_none_survives_monai_run_and_expressions_pass_through():
     # monai.bundle.run drops None-valued overrides, so None travels as the expression "$None"
     assert check_overrides(FAIR_TRAIN, {"max_steps": "none", "category": "null"}) == {
