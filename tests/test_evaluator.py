@@ -165,3 +165,20 @@ def test_volume_table_volume_is_measured_on_the_input_grid(tmp_path: Path):
     row = pd.read_csv(tmp_path / "out" / "cases.csv").iloc[0]
     assert row["anomaly_volume_ml"] == pytest.approx(0.288, rel=0.05)
     assert nib.load(tmp_path / "out" / "maps" / "case_seg.nii.gz").shape == data.shape
+
+
+def _framed_inferer(images: torch.Tensor, network) -> dict[str, torch.Tensor]:
+    """Maps of small noise with a bright 1-px frame along the border (FAIR's artefact, issue #11)."""
+    generator = torch.Generator().manual_seed(images.shape[0])
+    anomaly_map = 0.01 * torch.rand(images.shape[0], 1, *images.shape[2:], generator=generator)
+    anomaly_map[..., 0, :] += 1.0
+    return {"anomaly_map": anomaly_map, "restoration": images.clone()}
+
+
+def test_metrics_report_the_border_frame_of_normal_maps(tmp_path: Path):
+    root = _mvtec(tmp_path / "widget", size=64)
+    framed = _evaluator(root, tmp_path / "framed", inferer=_framed_inferer, image_size=64, save_maps="none").run()
+    assert framed["border_top_share_normal"] == 1.0 and framed["border_width_px"] == 2
+    assert framed["border_area_share"] == pytest.approx(1 - (60 / 64) ** 2)
+    plain = _evaluator(root, tmp_path / "plain", image_size=64, save_maps="none").run()  # noise, no frame
+    assert plain["border_top_share_normal"] < 0.5

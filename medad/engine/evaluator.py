@@ -356,6 +356,7 @@ class AnomalyEvaluator:
                 result["image_decision_accuracy"] = float((decisions == truth).mean())
                 result["image_decision_fpr"] = float(decisions[~truth].mean()) if (~truth).any() else math.nan
                 result["image_decision_tpr"] = float(decisions[truth].mean()) if truth.any() else math.nan
+        result.update(_border_frame(cases))
         result.update(cases["timing"])
         return result
 
@@ -537,6 +538,26 @@ class AnomalyEvaluator:
         logger.info("metrics: %s", json.dumps(plain))
         logger.info("evaluation results in %s", self.output_dir)
         return result
+
+
+def _border_frame(cases: Mapping[str, Any], width_at_256: int = 8, top_fraction: float = 0.01) -> dict[str, float]:
+    """Border-frame diagnostic of the 2D maps of the normal cases (:mod:`medad.scores.border`, issue #11).
+
+    ``border_top_share_normal``: mean share of each normal map's top 1 % values lying within 8 px (of a 256² image,
+    scaled to the map's size) of the border; ``border_area_share``: that band's share of the area. A map without a
+    frame gives about the area share or less; empty when there are no normal 2D cases.
+    """
+    from medad.scores.border import border_area_share, border_top_share
+
+    normal = [m for m, label in zip(cases["map"], cases["label"]) if label == 0 and np.ndim(m) == 2]
+    if not normal:
+        return {}
+    shape = normal[0].shape
+    width = max(1, round(width_at_256 * min(shape) / 256))
+    same = [m for m in normal if m.shape == shape]
+    shares = border_top_share(torch.as_tensor(np.stack(same))[:, None], width=width, top_fraction=top_fraction)
+    return {"border_top_share_normal": float(shares.mean()), "border_area_share": border_area_share(shape, width),
+            "border_width_px": width}
 
 
 def _table_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
