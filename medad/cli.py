@@ -9,6 +9,7 @@ Examples::
     medad verify_metadata --config bundles/fair
     medad export --config bundles/fair --run_dir runs/fair/demo
     medad preprocess --input /data/ixi --output /data/ixi_preprocessed
+    medad cohort summarize runs/fair/demo runs/zscore/demo --output table   # metrics with bootstrap intervals
 
 Overrides are strict (:mod:`medad.overrides`): an unknown key or a value of the wrong type is an error, not a
 silent default. Errors print one sentence on stderr and exit with code 2 for bad input (a bad file, setting or
@@ -34,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "preprocess": "preprocess a cohort of brain MRI volumes (reorient, N4, skull strip, register, normalise)",
     "verify_metadata": "check a bundle's configs/metadata.json against the shipped schema (offline)",
     "export": "export a bundle's trained network to TorchScript, calibrated thresholds included",
+    "cohort": "cohort summarize RUN_OR_EVAL_DIR ...: one table of runs, with 95 % bootstrap intervals over cases",
 }
 
 #: exception classes that mean bad input, matched by name along the class hierarchy (so their subclasses count
@@ -217,11 +219,63 @@ def _preprocess(argv: list[str]) -> int:
     return int(preprocess_main(argv) or 0)
 
 
+COHORT_USAGE = """usage: medad cohort summarize [LABEL=]FOLDER [[LABEL=]FOLDER ...] [--output PREFIX]
+                              [--resamples N] [--level 0.95] [--seed 0]
+
+Merge evaluations into one table (Markdown on stdout; PREFIX.csv and PREFIX.md with --output). FOLDER is an
+evaluation folder (metrics.json + cases.parquet/csv: <run_dir>/eval, or an --output_dir) or a run folder (its eval/).
+Rows: method, cases, image AUROC, the pooled pixel metrics, and the per-case AP / best Dice / Dice at the calibrated
+threshold as mean [95 % percentile-bootstrap interval over cases].
+"""
+
+
+def _cohort(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="medad cohort", usage=COHORT_USAGE, add_help=False)
+    parser.add_argument("action", nargs="?")
+    parser.add_argument("folders", nargs="*")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--level", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-h", "--help", action="store_true")
+    args, unknown = parser.parse_known_args(argv)
+    if args.help or args.action is None:
+        print(COHORT_USAGE)
+        return 0 if args.help else 2
+    if args.action != "summarize":
+        raise OverrideError(f"unknown cohort action {args.action!r}; the action is: summarize.")
+    if unknown:
+        raise OverrideError(f"medad cohort summarize does not take {unknown[0]}; see medad cohort --help.")
+    if not args.folders:
+        raise OverrideError("medad cohort summarize needs at least one evaluation or run folder.")
+    folders = []
+    for text in args.folders:
+        label, sep, folder = text.partition("=")
+        folders.append((label, folder) if sep else (None, text))
+    from medad.engine.cohort import summarize, to_markdown
+
+    table = summarize(folders, n_resamples=args.resamples, level=args.level, seed=args.seed)
+    markdown = to_markdown(table, level=args.level)
+    print(markdown)
+    if args.output:
+        from medad.io import atomic_write
+
+        with atomic_write(f"{args.output}.md", "w") as out:
+            out.write(markdown + "\n")
+        with atomic_write(f"{args.output}.csv", "w") as out:
+            table.to_csv(out, index=False)
+        print(f"written: {args.output}.md, {args.output}.csv")
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "run": _run,
     "preprocess": _preprocess,
     "verify_metadata": _verify_metadata,
     "export": _export,
+    "cohort": _cohort,
 }
 
 
@@ -290,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("medad: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
+        return 0
     except Exception as error:
         if debug:
             raise

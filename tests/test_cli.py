@@ -27,7 +27,7 @@ def _medad(*args: str, env: dict[str, str] | None = None, timeout: float = 300) 
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["run", "--help"], ["run", "--config", "bundles/fair", "--help"], ["preprocess", "--help"],
-    ["export", "--help"], ["verify_metadata", "--help"],
+    ["export", "--help"], ["verify_metadata", "--help"], ["cohort", "--help"],
     ["run", "--config", "bundles/disyre", "--workflow", "inference", "-h"],
 ])
 def test_every_help_answers_fast_without_a_pager(args: list[str]):
@@ -52,9 +52,9 @@ def test_help_imports_nothing_heavy():
 def test_top_level_help_lists_every_subcommand(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("run", "preprocess", "verify_metadata", "export"):
+    for command in ("run", "preprocess", "verify_metadata", "export", "cohort"):
         assert f"\n  {command} " in out
-    assert set(cli.COMMANDS) == {"run", "preprocess", "verify_metadata", "export"}
+    assert set(cli.COMMANDS) == {"run", "preprocess", "verify_metadata", "export", "cohort"}
 
 
 @pytest.mark.parametrize("name", BUNDLES)
