@@ -125,8 +125,6 @@ def _set_nested(config: dict[str, Any], key: str, value: Any) -> None:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
-        elif depth == len(parts) - 1 and isinstance(node, dict) and part in _target_parameters(node):
-            return _target_parameters(node)[part]  # an argument of the component that its config leaves at default
         else:
             return  # MONAI would fail on it too; not a setting this module checks
     if isinstance(node, list) and parts[-1].isdigit():
