@@ -182,3 +182,43 @@ def test_metrics_report_the_border_frame_of_normal_maps(tmp_path: Path):
     assert framed["border_area_share"] == pytest.approx(1 - (60 / 64) ** 2)
     plain = _evaluator(root, tmp_path / "plain", image_size=64, save_maps="none").run()  # noise, no frame
     assert plain["border_top_share_normal"] < 0.5
+
+
+def test_report_html_is_self_contained_and_shows_the_numbers_of_metrics_json(tmp_path: Path):
+    from html.parser import HTMLParser
+
+    from medad.io.report import METRIC_LABELS, _number
+
+    out = tmp_path / "eval"
+    result = _evaluator(_mvtec(tmp_path / "widget"), out, num_overlays=1).run()
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.images, self.rows, self.values, self._key, self.external = [], 0, {}, None, []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs["src"])
+            if tag in ("link", "script") and (attrs.get("href") or attrs.get("src")):
+                self.external.append(attrs)
+            if tag == "tr":
+                self.rows += 1
+            self._key = attrs.get("data-key") if tag == "td" else None
+
+        def handle_data(self, data):
+            if self._key:
+                self.values[self._key] = data
+                self._key = None
+
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert not page.external and all(src.startswith("data:image/png;base64,") for src in page.images)
+    overlays = list((out / "overlays").glob("*.png"))
+    assert len(page.images) == len(overlays) + 2  # ROC + PR curves, every drawn overlay
+    shown = {k: v for k, v in page.values.items() if k in METRIC_LABELS}
+    assert shown and all(shown[k] == _number(result[k]) for k in shown)
+    assert shown["pixel_auroc"] == f"{result['pixel_auroc']:.3f}"
+    cases = pd.read_csv(out / "cases.csv")
+    assert page.rows >= len(cases) + 1 + len(shown)  # the case table below the metrics

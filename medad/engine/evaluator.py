@@ -469,6 +469,21 @@ class AnomalyEvaluator:
             io.write_volume_case(f"{case_id}_native", native_map, native_reference, maps_dir, pixel_threshold,
                                  compact=self.compact_maps)
 
+    def _write_report(self, result: Mapping[str, Any], table: Any) -> None:
+        """``report.html`` beside metrics.json; a failure here costs the report only, with a warning."""
+        from medad import io
+        from medad.io.report import write_report
+
+        records = json.loads(table.to_json(orient="records"))  # plain Python values, NaN/NA -> None
+        model_folder = self.checkpoint_path.parent.parent if self.checkpoint_path is not None else None
+        record = _run_record_near(self.output_dir.parent, model_folder)
+        try:
+            path = write_report(self.output_dir, io.to_jsonable(dict(result)), records, record)
+        except Exception as error:  # noqa: BLE001 - the metrics and tables are written; keep them
+            logger.warning("report.html was not written (%s: %s)", type(error).__name__, error)
+            return
+        logger.info("report: %s", path)
+
     def _plan(self, done: set[str]) -> tuple[Iterable[Mapping[str, Any]], list[int] | None, list[str] | None]:
         """The test batches still to run: ``(loader, original batch indices, every case id in order)``.
 
@@ -526,12 +541,13 @@ class AnomalyEvaluator:
                                        self.output_dir / _PARTIAL_TABLE)
         cases = store.load(order)
         result = self._metrics(cases)
-        io.write_tables(io.case_table(_table_records(store.records[i] for i in cases["case_id"])), self.output_dir,
-                        stem="cases")
+        table = io.case_table(_table_records(store.records[i] for i in cases["case_id"]))
+        io.write_tables(table, self.output_dir, stem="cases")
         labels = [label for label in cases["label"] if label is not None]
         if len(labels) == len(cases["score"]) and len(set(labels)) == 2:
             io.save_roc_pr_curves(cases["score"], labels, self.output_dir / "image")
         io.write_json(self.output_dir / "metrics.json", result)
+        self._write_report(result, table)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.output_dir / _PARTIAL_TABLE)
         plain = io.to_jsonable({k: v for k, v in result.items() if not isinstance(v, dict)})
@@ -558,6 +574,17 @@ def _border_frame(cases: Mapping[str, Any], width_at_256: int = 8, top_fraction:
     shares = border_top_share(torch.as_tensor(np.stack(same))[:, None], width=width, top_fraction=top_fraction)
     return {"border_top_share_normal": float(shares.mean()), "border_area_share": border_area_share(shape, width),
             "border_width_px": width}
+
+
+def _run_record_near(*folders: Path | None) -> dict[str, Any] | None:
+    """The first ``run.json`` found in ``folders`` (the run folder of an evaluation or of its checkpoint)."""
+    for folder in folders:
+        if folder is not None and (folder / "run.json").is_file():
+            try:
+                return json.loads((folder / "run.json").read_text())
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 def _table_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
