@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medad.overrides import OverrideError
+
 __all__ = [
     "locate",
     "config_files",
@@ -123,12 +125,15 @@ def run(
         run_id: the config entry to run (MONAI's ``run_id``).
         extra_configs: more config files merged after the workflow's own.
         override: ``--key value`` overrides, as for ``monai.bundle run`` (e.g. ``dataset_dir``, ``quick``).
+            ``tracking="mlflow"`` (with optional ``tracking_uri``, ``experiment_name``, ``run_name``) turns on
+            experiment tracking (:mod:`medad.engine.tracking`) instead of MONAI's ignite handlers.
     """
     from monai.bundle import run as monai_run
 
     bundle = _bundle_dir(config)
     files = config_files(bundle, workflow) + list(extra_configs or [])
     override.setdefault("bundle_root", str(bundle))
+    _tracking_overrides(override)
     if workflow in ("inference", "evaluate"):  # rebuild the stored network; the user never repeats --quick etc.
         override.update(_stored_settings(files, override, workflow))
     logging_file = bundle / "configs" / "logging.conf"
@@ -139,6 +144,26 @@ def run(
         logging_file=str(logging_file) if logging_file.is_file() else None,
         **override,
     )
+
+
+def _tracking_overrides(override: dict[str, Any]) -> None:
+    """Replace MONAI's ``tracking`` options by the ``tracker`` component the medad trainer and evaluator use.
+
+    MONAI's ``--tracking mlflow`` attaches ignite handlers to ``train#trainer`` / ``evaluator``, which medad's
+    engines are not; ``mlflow`` (the only backend) becomes :func:`medad.engine.tracking.tracker_config`.
+    """
+    tracking = override.pop("tracking", None)
+    settings = {k: override.pop(k, None) for k in ("tracking_uri", "experiment_name", "run_name")}
+    override.pop("save_execute_config", None)
+    if tracking in (None, "", False):
+        if any(v is not None for v in settings.values()):
+            raise OverrideError("--tracking_uri / --experiment_name / --run_name need --tracking mlflow.")
+        return
+    if tracking != "mlflow":
+        raise OverrideError(f"--tracking takes mlflow (the only experiment tracker medad supports), not {tracking!r}.")
+    from medad.engine.tracking import tracker_config
+
+    override["tracker"] = tracker_config(**settings)
 
 
 def _stored_settings(files: Sequence[str], override: dict[str, Any], workflow: str = "inference") -> dict[str, Any]:

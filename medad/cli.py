@@ -51,7 +51,7 @@ BAD_INPUT_ERRORS: frozenset[str] = frozenset({
 })
 
 WORKFLOW_NAMES = ("train", "inference", "evaluate", "multi_gpu_train")
-#: options of ``medad run`` that are not config keys; ``tracking`` (and its settings) go to ``monai.bundle.run``
+#: options of ``medad run`` that are not config keys; ``tracking`` (and its settings) become the ``tracker`` component
 _TRACKING_KEYS = ("tracking", "tracking_uri", "experiment_name", "run_name", "save_execute_config")
 
 USAGE = """usage: medad <command> [--key value ...]    (medad <command> --help for its options)
@@ -73,7 +73,9 @@ front options:
   --workflow W           train (train + calibrate + evaluate; default), inference, evaluate, multi_gpu_train
   --extra_configs FILES  more config files merged after the workflow's, e.g. "['bundles/fair/configs/mri.json']"
   --run_id ID            config entry to run (default: run)
-  --tracking mlflow      MONAI experiment tracking (needs mlflow)
+  --tracking mlflow      experiment tracking with MLflow (pip install "medad[tracking]"): parameters, losses,
+                         learning curve, metrics, calibration, result files; store <run_dir>/mlruns.db unless
+                         --tracking_uri URI; also --experiment_name NAME, --run_name NAME
   --debug                full traceback on error
 
 Every other --key value overrides a config key; `medad run --config BUNDLE --help` lists them.

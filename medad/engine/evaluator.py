@@ -158,6 +158,10 @@ class AnomalyEvaluator:
             reorientation / resampling; 2D: the picture's size). False writes them on the loaded grid.
         resume: skip the cases an earlier run into the same ``output_dir`` finished (same signature).
         seed: base seed of the per-batch seeds.
+        tracker: an experiment tracker (:class:`~medad.engine.tracking.MLflowTracker`, shared with the trainer):
+            the metrics, calibration and result files are logged and the run is ended.
+        val_handlers: MONAI ``MLFlowHandler``s put here by stock ``monai.bundle run --tracking mlflow``; their
+            store / experiment / run name become ``tracker`` (:func:`medad.engine.tracking.tracker_from_handlers`).
 
     Written maps are on the input's grid, and so are the table's ``anomaly_area_px`` / ``anomaly_volume_ml`` (the
     written segmentation's pixels / voxels, with the input file's voxel size); metrics (AUROC, AP, Dice, ...) are
@@ -189,9 +193,16 @@ class AnomalyEvaluator:
         input_grid: bool = True,
         resume: bool = True,
         seed: int = 0,
+        tracker: Any | None = None,
+        val_handlers: Sequence[Any] | None = None,
     ) -> None:
         if save_maps not in SAVE_MAPS:
             raise ValueError(f"save_maps must be one of {', '.join(SAVE_MAPS)}, got {save_maps!r}.")
+        if tracker is None and val_handlers:
+            from .tracking import tracker_from_handlers
+
+            tracker = tracker_from_handlers(val_handlers, Path(output_dir).parent)
+        self.tracker = tracker if is_main_process() else None
         self.network = network
         self.inferer = inferer
         self.test_loader = test_loader
@@ -548,6 +559,9 @@ class AnomalyEvaluator:
             io.save_roc_pr_curves(cases["score"], labels, self.output_dir / "image")
         io.write_json(self.output_dir / "metrics.json", result)
         self._write_report(result, table)
+        if self.tracker is not None:
+            self.tracker.log_evaluation(self.output_dir, io.to_jsonable(dict(result)))
+            self.tracker.end()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.output_dir / _PARTIAL_TABLE)
         plain = io.to_jsonable({k: v for k, v in result.items() if not isinstance(v, dict)})

@@ -94,6 +94,8 @@ class Trainer:
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999); None: off.
         monitor: a :class:`~medad.engine.monitor.LearningMonitor`, called every ``monitor.every`` steps and at the end.
         handle_signals: install the SIGINT/SIGTERM handlers while training (main thread only).
+        tracker: an experiment tracker (:class:`~medad.engine.tracking.MLflowTracker`): the run is started here,
+            step losses and monitor records are logged, and it is ended as KILLED / FAILED if training stops so.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Trainer:
         ema_decay: float | None = None,
         monitor: Any | None = None,
         handle_signals: bool = True,
+        tracker: Any | None = None,
     ) -> None:
         if max_steps is None and max_epochs is None:
             raise ValueError("Trainer needs max_steps or max_epochs.")
@@ -150,6 +153,7 @@ class Trainer:
         )
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", True) else None
         self.handle_signals = handle_signals
+        self.tracker = tracker if is_main_process() else None
         self.clock: Callable[[], float] = time.perf_counter  # tests replace it with a fake clock
         self.step = 0
         self.epoch = 0
@@ -383,7 +387,9 @@ class Trainer:
     def _monitor(self) -> None:
         if self.monitor is None or not is_main_process():
             return
-        self.monitor(self.deployed_network(), self.step, self.progress)
+        record = self.monitor(self.deployed_network(), self.step, self.progress)
+        if self.tracker is not None and isinstance(record, Mapping):
+            self.tracker.log_metrics(record, step=self.step, prefix="monitor/")
         self._tick = self.clock()  # monitoring time is not training time
 
     def _batches(self) -> Iterator[Mapping[str, Any]]:
@@ -420,6 +426,8 @@ class Trainer:
                     return False
                 raise
             scalars = self.train_iteration(batch)
+            if self.tracker is not None:
+                self.tracker.log_training_step(self.step, scalars)
             for k, v in scalars.items():
                 self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + v
             bar.update(1)
@@ -451,6 +459,8 @@ class Trainer:
         """
         self._maybe_resume()
         self._bind_schedulers()
+        if self.tracker is not None:
+            self.tracker.start()
         if self.monitor is not None:
             self.monitor.resume(self.step)
         total = self.max_steps if self.max_steps != math.inf else None
@@ -472,6 +482,10 @@ class Trainer:
             if self.monitor is not None and not any(r["step"] == self.step for r in self.monitor.records):
                 self._monitor()
             self.save()
+        except BaseException as error:
+            if self.tracker is not None:  # the MLflow run says how it ended
+                self.tracker.end("KILLED" if self._signal is not None or isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
