@@ -42,10 +42,13 @@ def test_shipped_weights_are_small_recorded_calibrated_and_documented(name: str)
 def test_shipped_fair_finds_the_bottle_defects(mvtec_bottle: Path, tmp_path: Path):
     """The shipped FAIR model, evaluated on MVTec AD bottle (the data it was trained on; test split)."""
     out = tmp_path / "eval"
+    shipped = {p: p.read_bytes() for p in (REPO / "bundles" / "fair").rglob("*") if p.is_file()}
     bundle.run(REPO / "bundles" / "fair", "evaluate", run_dir=str(REPO / "bundles" / "fair"),
                dataset_dir=str(mvtec_bottle), output_dir=str(out), save_maps="none", num_overlays=0,
                **{"evaluator#progress": False})
     metrics = json.loads((out / "metrics.json").read_text())
+    after = {p: p.read_bytes() for p in (REPO / "bundles" / "fair").rglob("*") if p.is_file()}
+    assert after == shipped  # evaluating shipped weights writes nothing into the source tree
     assert metrics["num_cases"] == 83
     # measured 2026-12-01 (docs/results.md); a margin below for thread-count rounding, none for a broken pipeline
     assert metrics["image_auroc"] >= 0.95 and metrics["pixel_auroc"] >= 0.90
