@@ -66,3 +66,19 @@ def test_summarize_reads_run_and_evaluation_folders(tmp_path: Path, capsys):
     assert pd.read_csv(tmp_path / "t.csv").shape[0] == 2
     assert main(["cohort", "summarize", str(tmp_path / "none")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_vectorised_auroc_resamples_equal_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    scores, labels = np.round(rng.random(40), 1), np.r_[np.zeros(15, int), np.ones(25, int)]  # with ties
+    point, low, high = image_auroc_interval(scores, labels, n_resamples=500)
+    assert point == pytest.approx(roc_auc_score(labels, scores))
+    # the same resamples drawn the slow way give the same interval
+    draw = np.random.default_rng(0)
+    normal, anomalous = scores[labels == 0], scores[labels == 1]
+    index_n, index_a = draw.integers(0, 15, (500, 15)), draw.integers(0, 25, (500, 25))
+    slow = [roc_auc_score(np.r_[np.zeros(15), np.ones(25)], np.r_[normal[i], anomalous[j]])
+            for i, j in zip(index_n, index_a)]
+    assert (low, high) == pytest.approx(tuple(np.quantile(slow, [0.025, 0.975])))
