@@ -61,7 +61,7 @@ def test_summarize_reads_run_and_evaluation_folders(tmp_path: Path, capsys):
     assert table.loc[0, "case_ap"] == 0.6 and table.loc[0, "case_ap_low"] == 0.6  # NaN cases dropped
     assert table.loc[1, "case_ap"] == pytest.approx(0.4) and np.isnan(table.loc[0, "best_dice"])
     assert main(["cohort", "summarize", str(first), f"z={second}", "--output", str(tmp_path / "t")]) == 0
-    markdown = (tmp_path / "t.md").read_text()
+    markdown = (tmp_path / "t.md").read_text(encoding="utf-8")
     assert "| z | zscore | 3 | – | 0.900 | 0.800 | 0.500 | – | 0.400 [" in markdown
     assert pd.read_csv(tmp_path / "t.csv").shape[0] == 2
     assert main(["cohort", "summarize", str(tmp_path / "none")]) == 2

@@ -213,7 +213,7 @@ def test_report_html_is_self_contained_and_shows_the_numbers_of_metrics_json(tmp
                 self._key = None
 
     page = Page()
-    page.feed((out / "report.html").read_text())
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
     assert not page.external and all(src.startswith("data:image/png;base64,") for src in page.images)
     overlays = list((out / "overlays").glob("*.png"))
     assert len(page.images) == len(overlays) + 2  # ROC + PR curves, every drawn overlay

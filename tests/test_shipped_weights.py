@@ -28,13 +28,13 @@ def test_at_least_the_fair_and_disyre_weights_ship():
 def test_shipped_weights_are_small_recorded_calibrated_and_documented(name: str):
     folder = REPO / "bundles" / name
     assert (folder / "models" / "model.pt").stat().st_size < MAX_BYTES
-    record = json.loads((folder / "run.json").read_text())
+    record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     assert record["bundle"] == name and "data" not in record and record["trained_on"]["licence"]
     checkpoint = torch.load(folder / "models" / "model.pt", weights_only=False, map_location="cpu")
     assert checkpoint["bundle"] == name
     calibration = checkpoint.get("calibration") or json.loads((folder / "models" / "calibration.json").read_text())
     assert {"image_threshold", "pixel_threshold"} <= set(calibration)
-    card = (folder / "docs" / "README.md").read_text()
+    card = (folder / "docs" / "README.md").read_text(encoding="utf-8")
     assert "## Shipped weights (model card)" in card and record["trained_on"]["licence"] in card
 
 
