@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medad.engine.run_folder import read_run_record
 from medad.metrics.bootstrap import image_auroc_interval, mean_interval
 
 __all__ = ["load_evaluation", "summarize", "to_markdown", "POOLED", "PER_CASE"]
@@ -38,9 +39,10 @@ def _evaluation_folder(folder: Path) -> Path:
 
 
 def _run_record(folder: Path) -> dict[str, Any]:
-    for candidate in (folder / "run.json", folder.parent / "run.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
+    for candidate in (folder, folder.parent):
+        record = read_run_record(candidate)
+        if record is not None:
+            return record
     return {}
 
 

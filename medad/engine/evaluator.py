@@ -592,12 +592,17 @@ def _border_frame(cases: Mapping[str, Any], width_at_256: int = 8, top_fraction:
 
 def _run_record_near(*folders: Path | None) -> dict[str, Any] | None:
     """The first ``run.json`` found in ``folders`` (the run folder of an evaluation or of its checkpoint)."""
+    from .run_folder import read_run_record
+
     for folder in folders:
-        if folder is not None and (folder / "run.json").is_file():
-            try:
-                return json.loads((folder / "run.json").read_text())
-            except (OSError, ValueError):
-                return None
+        if folder is None:
+            continue
+        try:
+            record = read_run_record(folder)
+        except ValueError:  # an unreadable record costs the report its settings table only
+            return None
+        if record is not None:
+            return record
     return None
 
 
