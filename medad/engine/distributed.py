@@ -27,7 +27,9 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process's rank; before the process group exists, ``torchrun``'s ``RANK`` (so that code run while a
+    bundle is being set up, e.g. the run record, is written by rank 0 only)."""
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:

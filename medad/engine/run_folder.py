@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from medad.io.atomic import to_jsonable, write_json
+from medad.engine.distributed import is_main_process
 
 __all__ = ["RUN_FILE", "RunFolder", "RunFolderMismatchError", "network_settings", "read_run_record", "settings_overrides"]
 
@@ -225,7 +226,8 @@ class RunFolder:
                     f"{self.run_dir}: holds models/{existing[0]} but no {RUN_FILE}, so it may be another run's; "
                     "choose a new --run_dir (or delete that folder)."
                 )
-            write_json(self.run_dir / RUN_FILE, self.record())
+            if is_main_process():  # under torchrun every rank prepares; one writes
+                write_json(self.run_dir / RUN_FILE, self.record())
             return self.run_dir
         differences = self._compare(stored, data_keys=TRAINING_DATA_KEYS + TEST_DATA_KEYS)
         if differences:
