@@ -115,6 +115,7 @@ def run(
     workflow: str = "train",
     run_id: str = "run",
     extra_configs: Sequence[str] | None = None,
+    shard: str | None = None,
     **override: Any,
 ) -> None:
     """Run a bundle folder the way ``python -m monai.bundle run`` runs its config files.
@@ -127,6 +128,8 @@ def run(
         override: ``--key value`` overrides, as for ``monai.bundle run`` (e.g. ``dataset_dir``, ``quick``).
             ``tracking="mlflow"`` (with optional ``tracking_uri``, ``experiment_name``, ``run_name``) turns on
             experiment tracking (:mod:`medad.engine.tracking`) instead of MONAI's ignite handlers.
+        shard: ``"K/N"`` (inference and evaluate): score only shard K of N of the sorted cases
+            (:mod:`medad.engine.shards`; the evaluator's ``shard``).
     """
     from monai.bundle import run as monai_run
 
@@ -134,6 +137,15 @@ def run(
     files = config_files(bundle, workflow) + list(extra_configs or [])
     override.setdefault("bundle_root", str(bundle))
     _tracking_overrides(override)
+    if shard not in (None, ""):
+        if workflow not in ("inference", "evaluate"):
+            raise OverrideError(f"--shard splits the cases of the inference and evaluate workflows, not of {workflow}.")
+        from medad.engine.shards import parse_shard
+
+        try:
+            override["evaluator#shard"] = "{}/{}".format(*parse_shard(shard))
+        except ValueError as error:
+            raise OverrideError(str(error)) from error
     if workflow in ("inference", "evaluate"):  # rebuild the stored network; the user never repeats --quick etc.
         override.update(_stored_settings(files, override, workflow))
     logging_file = bundle / "configs" / "logging.conf"
@@ -202,35 +214,58 @@ def verify_metadata(config: str | os.PathLike) -> None:
     monai_verify(meta_file=str(bundle / "configs" / "metadata.json"), filepath=schema_path())
 
 
-def export(config: str | os.PathLike, ckpt_file: str | None = None, filepath: str | None = None, **override: Any) -> str:
-    """Export the trained network of a bundle to TorchScript with ``monai.bundle ckpt_export``.
+def export(
+    config: str | os.PathLike,
+    ckpt_file: str | None = None,
+    filepath: str | None = None,
+    format: str = "torchscript",
+    **override: Any,
+) -> str:
+    """Export the trained network of a bundle with its calibrated thresholds embedded.
 
-    The calibrated thresholds (``calibration.json`` beside the checkpoint, written by the evaluator) are embedded
-    in the TorchScript file, so evaluating ``model.ts`` decides exactly like ``model.pt``. ``run_dir=<folder>``
-    exports that run's ``models/model.pt`` (default: the bundle's shipped weights), with the network rebuilt from
-    the run's ``run.json``.
+    The calibrated thresholds (``calibration.json`` beside the checkpoint, written by the evaluator) and the
+    fingerprint of the weights they belong to are embedded in the exported file, so evaluating it decides exactly
+    like ``model.pt``. ``run_dir=<folder>`` exports that run's ``models/model.pt`` (default: the bundle's shipped
+    weights), with the network rebuilt from the run's ``run.json``.
+
+    Args:
+        config: the bundle folder or name.
+        ckpt_file: the checkpoint (default ``<run_dir or bundle>/models/model.pt``).
+        filepath: the exported file (default: ``model.ts`` / ``model.pt2`` / ``model.onnx`` beside the checkpoint).
+        format: ``"torchscript"`` (``monai.bundle ckpt_export``; deprecated by PyTorch but kept working),
+            ``"pt2"`` (``torch.export``) or ``"onnx"`` (dynamo-based ``torch.onnx.export``, run by onnxruntime).
+            ``.pt2`` and ``.onnx`` keep batch and image sizes free; any of the three runs in the inference
+            workflow as ``--ckpt_path <file>``.
+        override: ``--key value`` overrides of the bundle's inference.json.
     """
-    from monai.bundle import ckpt_export
+    from medad.engine import export as formats
 
-    from medad.engine.export import calibration_path
-
+    if format not in formats.EXPORT_FORMATS:
+        raise OverrideError(f"--format must be one of {', '.join(formats.EXPORT_FORMATS)}, not {format!r}.")
     bundle = _bundle_dir(config)
     model_dir = Path(override["run_dir"]) / "models" if override.get("run_dir") else bundle / "models"
-    filepath = filepath or str(model_dir / "model.ts")
+    filepath = filepath or str(model_dir / f"model{formats.EXPORT_FORMATS[format]}")
     ckpt_file = ckpt_file or str(model_dir / "model.pt")
     configs = [str(bundle / "configs" / "inference.json")]
     override.update(_stored_settings(configs, {**override, "bundle_root": str(bundle), "ckpt_path": ckpt_file}))
-    if calibration_path(ckpt_file).is_file():
-        configs.append(str(calibration_path(ckpt_file)))  # ckpt_export stores every config as an extra file
-    ckpt_export(
-        net_id="network_def",
-        filepath=filepath,
-        ckpt_file=ckpt_file,
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        config_file=configs,
-        key_in_ckpt="network",
-        bundle_root=str(bundle),
-        **override,
-    )
+    meta_file = bundle / "configs" / "metadata.json"
+    if format == "torchscript":
+        from monai.bundle import ckpt_export
+
+        if formats.calibration_path(ckpt_file).is_file():
+            configs.append(str(formats.calibration_path(ckpt_file)))  # ckpt_export stores every config as an extra file
+        with formats.quiet_torchscript():
+            ckpt_export(net_id="network_def", filepath=filepath, ckpt_file=ckpt_file, meta_file=str(meta_file),
+                        config_file=configs, key_in_ckpt="network", bundle_root=str(bundle), **override)
+    else:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(configs)
+        parser.update({**override, "bundle_root": str(bundle), "ckpt_path": ckpt_file})
+        writer = formats.export_program if format == "pt2" else formats.export_onnx
+        metadata = ConfigParser.load_config_file(str(meta_file)) if meta_file.is_file() else None
+        writer(parser.get_parsed_content("network_def"), ckpt_file, filepath, bundle=parser.get("bundle_name"),
+               metadata=metadata, config_files=configs)
     print(f"medad export: {ckpt_file} -> {filepath}", flush=True)
     return filepath

@@ -34,8 +34,9 @@ COMMANDS: dict[str, str] = {
     "run": "run a bundle: train + evaluate (default), or --workflow inference | evaluate | multi_gpu_train",
     "preprocess": "preprocess a cohort of brain MRI volumes (reorient, N4, skull strip, register, normalise)",
     "verify_metadata": "check a bundle's configs/metadata.json against the shipped schema (offline)",
-    "export": "export a bundle's trained network to TorchScript, calibrated thresholds included",
-    "cohort": "cohort summarize RUN_OR_EVAL_DIR ...: one table of runs, with 95 % bootstrap intervals over cases",
+    "export": "export a bundle's trained network (TorchScript, torch.export .pt2 or ONNX), calibrated thresholds included",
+    "cohort": "cohort summarize RUN_OR_EVAL_DIR ...: one table of runs, with 95 % bootstrap intervals over cases; "
+              "cohort merge-shards OUT_DIR: merge the tables of --shard runs",
 }
 
 #: exception classes that mean bad input, matched by name along the class hierarchy (so their subclasses count
@@ -73,6 +74,8 @@ front options:
   --workflow W           train (train + calibrate + evaluate; default), inference, evaluate, multi_gpu_train
   --extra_configs FILES  more config files merged after the workflow's, e.g. "['bundles/fair/configs/mri.json']"
   --run_id ID            config entry to run (default: run)
+  --shard K/N            inference / evaluate: only shard K of N of the sorted cases (a SLURM array task each);
+                         the last shard to finish merges the tables (or: medad cohort merge-shards OUTPUT_DIR)
   --tracking mlflow      experiment tracking with MLflow (pip install "medad[tracking]"): parameters, losses,
                          learning curve, metrics, calibration, result files; store <run_dir>/mlruns.db unless
                          --tracking_uri URI; also --experiment_name NAME, --run_name NAME
@@ -82,11 +85,18 @@ Every other --key value overrides a config key; `medad run --config BUNDLE --hel
 Booleans take true/false (any case) or 1/0; an unknown key or a value of the wrong type is an error.
 """
 
-EXPORT_USAGE = """usage: medad export --config BUNDLE [--run_dir DIR] [--ckpt_file PT] [--filepath TS] [--key value ...]
+EXPORT_USAGE = """usage: medad export --config BUNDLE [--format F] [--run_dir DIR] [--ckpt_file PT] [--filepath FILE]
+                    [--key value ...]
 
-Export the trained network (DIR/models/model.pt, or the bundle's shipped weights) to TorchScript with
-`monai.bundle ckpt_export`; the calibrated thresholds are embedded. Other --key value pairs override keys of the
-bundle's inference.json (`medad run --config BUNDLE --workflow inference --help` lists them).
+Export the trained network (DIR/models/model.pt, or the bundle's shipped weights) with the calibrated thresholds
+and the fingerprint of the weights embedded. Any export runs in the inference workflow as --ckpt_path FILE.
+
+  --format F   torchscript (default; `monai.bundle ckpt_export`, model.ts; deprecated by PyTorch, kept working),
+               pt2 (torch.export, model.pt2) or onnx (model.onnx, run with onnxruntime; pip install "medad[export]").
+               pt2 and onnx are the formats that last; both keep batch and image sizes free.
+
+Other --key value pairs override keys of the bundle's inference.json
+(`medad run --config BUNDLE --workflow inference --help` lists them).
 """
 
 VERIFY_USAGE = """usage: medad verify_metadata --config BUNDLE
@@ -153,6 +163,7 @@ def _run(argv: list[str]) -> int:
     config = _take_config(positional, options, "run")
     workflow = options.pop("workflow", None) or "train"
     run_id = options.pop("run_id", None) or "run"
+    shard = options.pop("shard", None)
     extra = _extra_configs(options.pop("extra_configs", None), config)
     files = _workflow_files(config, workflow, extra)
     if help_wanted:
@@ -164,7 +175,7 @@ def _run(argv: list[str]) -> int:
     from medad import bundle
 
     _quiet_about_shipped_configs(files, bundle.REPO_ROOT / "bundles")
-    bundle.run(config, workflow=workflow, run_id=run_id, extra_configs=extra or None, **overrides)
+    bundle.run(config, workflow=workflow, run_id=run_id, extra_configs=extra or None, shard=shard, **overrides)
     return 0
 
 
@@ -186,7 +197,7 @@ def _export(argv: list[str]) -> int:
         print(EXPORT_USAGE)
         return 0
     config = _take_config(positional, options, "export")
-    front = {k: options.pop(k) for k in ("ckpt_file", "filepath") if k in options}
+    front = {k: options.pop(k) for k in ("ckpt_file", "filepath", "format") if k in options}
     overrides = check_overrides(_workflow_files(config, "inference", []), options)
     from medad import bundle
 
@@ -228,6 +239,12 @@ Merge evaluations into one table (Markdown on stdout; PREFIX.csv and PREFIX.md w
 evaluation folder (metrics.json + cases.parquet/csv: <run_dir>/eval, or an --output_dir) or a run folder (its eval/).
 Rows: method, cases, image AUROC, the pooled pixel metrics, and the per-case AP / best Dice / Dice at the calibrated
 threshold as mean [95 % percentile-bootstrap interval over cases].
+
+usage: medad cohort merge-shards OUT_DIR
+
+Merge the shards of `medad run ... --shard K/N --output_dir OUT_DIR` (cases.csv/.parquet, metrics.json, report.html
+over every case) or of `medad preprocess ... --shard K/N --output OUT_DIR` (preprocess_log.csv). The last shard to
+finish merges by itself; this is for a merge job of its own (e.g. a SLURM job after the array).
 """
 
 
@@ -246,8 +263,19 @@ def _cohort(argv: list[str]) -> int:
     if args.help or args.action is None:
         print(COHORT_USAGE)
         return 0 if args.help else 2
+    if args.action == "merge-shards":
+        if unknown or len(args.folders) != 1:
+            raise OverrideError("medad cohort merge-shards takes one folder: the output folder of the sharded runs.")
+        from medad.engine.shards import merge_shards
+
+        try:
+            written = merge_shards(args.folders[0])
+        except ValueError as error:
+            raise OverrideError(str(error)) from error
+        print("merged: " + ", ".join(str(p) for p in written))
+        return 0
     if args.action != "summarize":
-        raise OverrideError(f"unknown cohort action {args.action!r}; the action is: summarize.")
+        raise OverrideError(f"unknown cohort action {args.action!r}; the actions are: summarize, merge-shards.")
     if unknown:
         raise OverrideError(f"medad cohort summarize does not take {unknown[0]}; see medad cohort --help.")
     if not args.folders:

@@ -150,23 +150,158 @@ def write_results(results: list[dict], dataset_dir: str, out: Path) -> None:
     print(section)
 
 
+# -- eager vs exported inference speed (--export-speed) ------------------------------------------------------
+#: per bundle: the demo inputs its shipped model works on, and how a case is counted
+EXPORT_SPEED_DATA = {"fair": "images", "ddpm_partial": "images", "disyre": "volumes", "addm": "volumes"}
+
+
+def _export_inputs(method: str, root: Path) -> Path:
+    """Fixed demo inputs for ``method`` (generated, seed 0): 16 industrial test images or 2 MRI test volumes."""
+    from medad.data import make_demo_mri, make_demo_mvtec
+
+    if EXPORT_SPEED_DATA[method] == "images":
+        return make_demo_mvtec(root / "demo_mvtec", num_train=1, num_test_good=6, num_test_defect=10) / "test"
+    return make_demo_mri(root / "demo_mri", num_train=1, num_test=2) / "test"
+
+
+def _timed_inference(method: str, ckpt: Path, data: Path, out: Path, repeats: int) -> tuple[float, dict]:
+    """Median seconds of the bundle's inference (inferer + image score, no file writing) over ``data``, and the
+    maps of the last pass; the first pass warms up (ONNX session, exported graph) and is not counted."""
+    from monai.bundle import ConfigParser
+
+    from medad import bundle
+
+    config = str(REPO / "bundles" / method / "configs" / "inference.json")
+    parser = ConfigParser()
+    parser.read_config(config)
+    parser.update({"bundle_root": str(REPO / "bundles" / method), "device": "$torch.device('cpu')",
+                   "ckpt_path": str(ckpt), "input_dir": str(data), "output_dir": str(out), "evaluator#progress": False,
+                   **bundle._stored_settings([config], {"ckpt_path": str(REPO / "bundles" / method / "models" / "model.pt")})})
+    evaluator = parser.get_parsed_content("evaluator")
+    evaluator.load()
+    times, cases = [], {}
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        cases = evaluator.infer(evaluator.test_loader, method)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), dict(zip(cases["case_id"], cases["map"]))
+
+
+def export_speed(methods: list[str], run_root: Path, threads: int, repeats: int) -> list[dict]:
+    """Eager vs TorchScript vs torch.export (.pt2) vs ONNX (onnxruntime) inference of each bundle's shipped model on
+    the same demo inputs, in one process: export time, file size, seconds per case, cases/s, and the largest
+    difference of the maps from the eager ones."""
+    import numpy as np
+    import torch
+
+    from medad import bundle
+
+    torch.set_num_threads(threads)
+    rows = []
+    for method in methods:
+        root = run_root / method
+        data = _export_inputs(method, root)
+        shipped = REPO / "bundles" / method / "models" / "model.pt"
+        files = {"eager": shipped}
+        export_seconds = {"eager": 0.0}
+        for fmt, suffix in (("torchscript", ".ts"), ("pt2", ".pt2"), ("onnx", ".onnx")):
+            start = time.perf_counter()
+            files[fmt] = Path(bundle.export(REPO / "bundles" / method, filepath=str(root / f"model{suffix}"), format=fmt))
+            export_seconds[fmt] = time.perf_counter() - start
+        count = len([p for p in data.rglob("*") if p.is_file()])
+        eager_maps = None
+        for fmt, path in files.items():
+            seconds, maps = _timed_inference(method, path, data, root / f"out_{fmt}", repeats)
+            eager_maps = maps if eager_maps is None else eager_maps
+            difference = max(float(np.abs(maps[c] - eager_maps[c]).max()) for c in eager_maps)
+            rows.append({"method": method, "format": fmt, "unit": EXPORT_SPEED_DATA[method], "cases": count,
+                         "seconds_per_case": seconds / count, "cases_per_second": count / seconds,
+                         "export_seconds": export_seconds[fmt], "file_mb": path.stat().st_size / 2**20,
+                         "max_map_difference": difference, "threads": threads})
+            print(f"[export-speed] {method} {fmt}: {seconds / count:.3f} s per {EXPORT_SPEED_DATA[method][:-1]}, "
+                  f"max |map - eager| {difference:.2e}", flush=True)
+    return rows
+
+
+def export_speed_table(rows: list[dict]) -> str:
+    lines = ["| bundle (shipped model) | format | s per case | cases/s | vs eager | export s | file MB | max \\|map − eager\\| |",
+             "|---|---|---|---|---|---|---|---|"]
+    eager = {r["method"]: r["seconds_per_case"] for r in rows if r["format"] == "eager"}
+    for r in rows:
+        lines.append(
+            f"| {r['method']} ({r['cases']} demo {r['unit']}) | {r['format']} | {r['seconds_per_case']:.3f} | "
+            f"{r['cases_per_second']:.2f} | {eager[r['method']] / r['seconds_per_case']:.2f}× | "
+            f"{r['export_seconds']:.1f} | {r['file_mb']:.1f} | {r['max_map_difference']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+#: the bundles --profile measures by default (the baselines train no network)
+PROFILE_METHODS = ("fair", "ddpm_partial", "ddpm_kl", "disyre", "addm")
+
+
+def profile(args: argparse.Namespace, explicit_methods: bool) -> list[dict]:
+    """``--profile``: training throughput and inference overhead of each bundle, printed as a Markdown table."""
+    import tempfile
+
+    from medad.engine.profiling import profile_bundle, profile_table
+
+    methods = args.methods if explicit_methods else list(PROFILE_METHODS)
+    overrides = {"dataset_dir": args.dataset_dir} if args.dataset_dir else {}
+    rows = []
+    for method in methods:
+        with tempfile.TemporaryDirectory(prefix=f"profile_{method}_") as run_dir:
+            row = profile_bundle(REPO / "bundles" / method, run_dir, steps=args.profile_steps,
+                                 rounds=args.profile_rounds, overrides=overrides)
+        rows.append(row)
+        shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in row["shares"].items())
+        print(f"[profile] {method}: trainer {row['trainer_steps_per_second']:.2f} steps/s, bare loop "
+              f"{row['bare_steps_per_second']:.2f} steps/s, ratio {row['ratio']:.2f} ({shares}); inference overhead "
+              f"{row['inference_overhead']:.2f} (load {row['load']:.1f})", flush=True)
+    Path(args.run_root).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_root) / "profile.json").write_text(json.dumps(rows, indent=2, default=str))
+    print(profile_table(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["fair", "ddpm_partial", "ddpm_kl", "zscore"],
                         help=f"bundles to run; the baselines ({', '.join(BASELINES)}) run beside the methods")
-    parser.add_argument("--dataset_dir", required=True, help="an MVTec-AD-layout category folder")
+    parser.add_argument("--dataset_dir", help="an MVTec-AD-layout category folder (required to train and evaluate)")
     parser.add_argument("--run_root", default="/tmp/medad_benchmark", help="where checkpoints and maps go")
     parser.add_argument("--max_minutes", type=float, default=30.0, help="training budget per method (minutes)")
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--extra", default="", help="more overrides for every method, e.g. '--num_workers 0'")
     parser.add_argument("--report_from", nargs="*", default=None,
                         help="only write the table from earlier runs' benchmark.json files (runs made in parallel)")
+    parser.add_argument("--export-speed", action="store_true",
+                        help="instead: eager vs TorchScript vs .pt2 vs ONNX inference speed of the shipped models of "
+                             "--methods (default fair disyre) on fixed demo inputs, in one run")
+    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads for --export-speed")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per format for --export-speed (median)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: per bundle of --methods (default: the five methods, on their demo data), steps/s "
+                             "of the medad trainer vs a bare PyTorch loop on pre-built batches, the share of each part "
+                             "of a training step, and the inference overhead (medad.engine.profiling)")
+    parser.add_argument("--profile_steps", type=int, default=10, help="timed steps per round for --profile")
+    parser.add_argument("--profile_rounds", type=int, default=3, help="rounds (trainer, then bare loop) for --profile")
     args = parser.parse_args(argv)
+    if args.profile:
+        profile(args, explicit_methods="--methods" in (sys.argv[1:] if argv is None else argv))
+        return
+    if args.export_speed:
+        given = "--methods" in (sys.argv[1:] if argv is None else argv)
+        methods = [m for m in args.methods if m in EXPORT_SPEED_DATA] if given else ["fair", "disyre"]
+        rows = export_speed(methods, Path(args.run_root) / "export_speed", args.threads, args.repeats)
+        (Path(args.run_root) / "export_speed.json").write_text(json.dumps(rows, indent=2))
+        print(export_speed_table(rows))
+        return
     if args.report_from:
         results = [r for f in args.report_from for r in json.loads(Path(f).read_text())]
         write_results(results, args.dataset_dir, Path(args.out))
         return
-    if not Path(args.dataset_dir).is_dir():
+    if not args.dataset_dir or not Path(args.dataset_dir).is_dir():
         parser.error(f"{args.dataset_dir}: dataset folder not found.")
     results = []
     for method in args.methods:

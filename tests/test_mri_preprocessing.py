@@ -188,7 +188,7 @@ def cohort(ixi_dir, tmp_path_factory):
     (inputs / "zz_corrupt.nii.gz").write_bytes(os.urandom(4096))
     output = root / "output"
     start = time.perf_counter()
-    log = preprocess_cohort(inputs, output, progress=False)
+    log = preprocess_cohort(inputs, output, progress=False, registration_backend="ants")  # elastix: test_itk.py
     return {"log": log, "output": output, "input": inputs, "source": source, "seconds": time.perf_counter() - start}
 
 
@@ -241,6 +241,7 @@ def test_log_rows_and_error_row_for_corrupt_file(cohort):
 
 def test_transform_paths_on_disk(cohort):
     record = load_registration_record(case_outputs(cohort["output"], IXI_CASE)["transforms"])
+    assert record["backend"] == "ants" and _ok_row(cohort)["registration_backend"] == "ants"
     assert record["native_spatial_shape"] == [120, 120, 90]
     np.testing.assert_allclose(record["native_affine"], nib.load(cohort["source"]).affine, atol=1e-5)
     assert all(Path(p).is_file() for p in record["template_transforms"] + record["inverse_transforms"])

@@ -90,8 +90,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
-def test_template_space_map_returns_to_the_native_image(tmp_path: Path):
-    ants = pytest.importorskip("ants")
+@pytest.mark.parametrize("backend", ["ants", "elastix"])
+def test_template_space_map_returns_to_the_native_image(tmp_path: Path, backend: str):
+    # The same registration as each backend stores it: ANTsPy writes its transform; the elastix backend converts
+    # elastix's EulerTransform parameters to the same ITK affine file, applied with SimpleITK (no itk needed here).
     from medad.transforms.mri import apply_forward_transform
 
     # native patient image (non-RAS) holding one lesion
@@ -106,17 +108,26 @@ def test_template_space_map_returns_to_the_native_image(tmp_path: Path):
     case_dir = tmp_path / "transforms" / "sub-01"
     case_dir.mkdir(parents=True)
     angle = np.deg2rad(12)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    transform = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
-                                           matrix=rotation, translation=(3.0, -2.0, 1.5))
-    ants.write_transform(transform, str(case_dir / "0GenericAffine.mat"))
+    if backend == "ants":
+        ants = pytest.importorskip("ants")
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        transform = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                               matrix=rotation, translation=(3.0, -2.0, 1.5))
+        ants.write_transform(transform, str(case_dir / "0GenericAffine.mat"))
+    else:
+        pytest.importorskip("SimpleITK")
+        from medad.transforms.elastix import _to_sitk_affine, write_affine
+
+        euler = {"Transform": ["EulerTransform"], "TransformParameters": ["0", "0", str(angle), "3.0", "-2.0", "1.5"],
+                 "CenterOfRotationPoint": ["0", "0", "0"]}
+        write_affine(_to_sitk_affine(euler), case_dir / "0GenericAffine.mat")
     template_affine = np.diag([2.2, 2.2, 2.2, 1.0])
     template_affine[:3, 3] = (-34, -34, -30)
     record = {
         "template_affine": template_affine.tolist(), "template_spatial_shape": [32, 32, 28],
         "native_affine": native_affine.tolist(), "native_spatial_shape": list(native_shape),
         "template_transforms": ["0GenericAffine.mat"], "inverse_transforms": ["0GenericAffine.mat"],
-        "inverse_whichtoinvert": [True],
+        "inverse_whichtoinvert": [True], "backend": backend,
     }
     (case_dir / "registration.json").write_text(json.dumps(record))
 

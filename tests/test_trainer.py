@@ -226,6 +226,37 @@ def test_ema_weights_go_to_model_pt_and_the_checkpoint_keeps_both(tmp_path: Path
     assert not torch.allclose(ema, network.weight.detach())
 
 
+def test_init_weights_start_training_from_a_model_and_a_resumed_run_ignores_them(tmp_path: Path):
+    torch.manual_seed(0)
+    shipped = torch.nn.Linear(3, 1)
+    torch.save({"network": shipped.state_dict(), "bundle": "toy"}, tmp_path / "shipped.pt")
+    batches = [{"x": torch.randn(4, 3)} for _ in range(3)]
+
+    def make(max_steps: int, lr: float, run: str) -> Trainer:
+        network = torch.nn.Linear(3, 1)  # other random weights
+        return Trainer(network, torch.optim.SGD(network.parameters(), lr=lr), batches,
+                       lambda net, b: {"loss": (net(b["x"]) - 1).pow(2).mean()}, max_steps=max_steps,
+                       checkpoint_path=tmp_path / run / "checkpoint.pt", model_path=tmp_path / run / "model.pt",
+                       init_weights=tmp_path / "shipped.pt", bundle="toy", progress=False, handle_signals=False)
+
+    frozen = make(max_steps=2, lr=0.0, run="frozen")  # lr 0: the trained weights are the initial ones
+    frozen.run()
+    torch.testing.assert_close(frozen.network.weight.detach(), shipped.weight.detach())
+    trained = make(max_steps=2, lr=0.1, run="trained")
+    trained.run()
+    moved = trained.network.weight.detach().clone()
+    assert not torch.allclose(moved, shipped.weight.detach())
+    resumed = make(max_steps=2, lr=0.1, run="trained")
+    resumed.run()  # resumes the run's checkpoint (step 2), not the shipped weights again
+    assert resumed.step == 2
+    torch.testing.assert_close(resumed.network.weight.detach(), moved)
+    with pytest.raises(Exception, match="bundle 'toy', not 'other'"):
+        other = torch.nn.Linear(3, 1)
+        Trainer(other, torch.optim.SGD(other.parameters(), lr=0.1), batches, lambda net, b: {"loss": net(b["x"]).sum()},
+                max_steps=1, init_weights=tmp_path / "shipped.pt", bundle="other", progress=False,
+                handle_signals=False).run()
+
+
 # -- learning monitor -----------------------------------------------------------------------------------------
 class ResidualInferer(AnomalyInferer):
     """restoration = network(x); map = squared error summed over channels."""

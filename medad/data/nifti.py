@@ -11,6 +11,10 @@ The underscore boundary keeps ``sub-1`` from matching ``sub-10``. When several m
 image the exact match wins, then the longest base; a remaining tie is an error. Brain masks in
 ``brain_mask_dir`` follow the same rule with ``brain_mask_suffixes``. Files in ``image_dir`` whose
 names end with a mask suffix are never taken as images, so masks may sit next to their images.
+
+A folder under ``image_dir`` (or ``image_dir`` itself) that holds DICOM files is one case, a DICOM series read with
+SimpleITK (:mod:`medad.io.dicom`); its name is the name compared with the masks' bases, and the inference and
+evaluation write DICOM Segmentation / Parametric Map files for it besides the NIfTI ones.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
-from monai.data import NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -109,8 +112,9 @@ def nifti_datalist(
     brain_mask_suffixes: Sequence[str] = BRAIN_MASK_SUFFIXES,
     require_masks: bool = False,
     check: bool = True,
+    dicom: bool = True,
 ) -> list[dict]:
-    """List NIfTI volumes with their lesion masks and brain masks (matching rule: module docstring).
+    """List NIfTI volumes (and DICOM series folders) with their lesion and brain masks (rule: module docstring).
 
     Args:
         image_dir: folder of volumes; ``image_glob`` may descend (``"*/*_t1.nii.gz"``).
@@ -122,40 +126,52 @@ def nifti_datalist(
         require_masks: raise when an image has no lesion mask (instead of ``mask=None``).
         check: read every file's header first (:func:`medad.data.validation.check_files`): unreadable files and
             singular / non-finite affines are reported together, before anything is computed.
+        dicom: also list the folders holding a DICOM series (:func:`medad.io.dicom.find_dicom_series`) as cases.
 
     Returns:
         items sorted by path: ``{"image": str, "mask": str | None, "brain_mask": str | None,
         "case_id": str, "label": 0 | 1}``. ``case_id`` is the image path relative to ``image_dir``
-        without extension; ``label`` is 1 when the image has a mask file (its content is not read).
+        without extension (a DICOM folder: its path relative to ``image_dir``, or its name when it is
+        ``image_dir``); ``label`` is 1 when the image has a mask file (its content is not read).
     """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder {image_dir} does not exist.")
     not_images = tuple(mask_suffixes) + tuple(brain_mask_suffixes)
-    images = sorted(
-        p for p in image_dir.glob(image_glob) if p.is_file() and _strip_suffix(nifti_stem(p), not_images) is None
-    )
+    images = [
+        (p, nifti_stem(p)) for p in image_dir.glob(image_glob)
+        if p.is_file() and _strip_suffix(nifti_stem(p), not_images) is None
+    ]
+    if dicom:
+        from medad.io.dicom import find_dicom_series
+
+        images += [(folder, folder.name) for folder in find_dicom_series(image_dir)]
+    images.sort()
     if not images:
-        raise FileNotFoundError(f"no images found in {image_dir} matching {image_glob!r} (mask files excluded).")
+        raise FileNotFoundError(f"no images found in {image_dir} matching {image_glob!r} (mask files excluded) and no "
+                                "DICOM series folder.")
 
     # Brain masks are never lesion masks, even when both share a folder ("x_brain_mask" ends with "_mask").
     masks = _index_masks(Path(mask_dir), mask_suffixes, brain_mask_suffixes) if mask_dir else {}
     brains = _index_masks(Path(brain_mask_dir), brain_mask_suffixes, ()) if brain_mask_dir else {}
 
     items = []
-    for image in images:
-        stem = nifti_stem(image)
+    for image, stem in images:
         mask = _match(stem, masks, image, "mask")
         if mask is None and require_masks:
             raise FileNotFoundError(f"image {image} has no mask in {mask_dir} (expected e.g. {stem}_mask.nii.gz).")
         brain = _match(stem, brains, image, "brain mask")
         relative = image.relative_to(image_dir)
+        if image.is_dir():  # a DICOM series folder
+            case_id = stem if relative == Path(".") else str(relative)
+        else:
+            case_id = str(relative.parent / nifti_stem(relative)) if relative.parent != Path(".") else stem
         items.append(
             {
                 "image": str(image),
                 "mask": None if mask is None else str(mask),
                 "brain_mask": None if brain is None else str(brain),
-                "case_id": str(relative.parent / nifti_stem(relative)) if relative.parent != Path(".") else stem,
+                "case_id": case_id,
                 "label": int(mask is not None),
             }
         )
@@ -216,6 +232,7 @@ def volume_transforms(
     mask_key: str = "mask",
     brain_mask_key: str = "brain_mask",
     anti_aliasing: bool = True,
+    reader: str = "auto",
 ) -> Compose:
     """Load NIfTI volumes (and masks) from a ``nifti_datalist`` item, keeping the affine in the meta.
 
@@ -233,11 +250,17 @@ def volume_transforms(
         image_key, mask_key, brain_mask_key: datalist keys.
         anti_aliasing: with ``pixdim``, low-pass the image before it is resampled to a coarser grid
             (:class:`medad.transforms.mri.GaussianAntiAliasd`, scikit-image's ``anti_aliasing`` rule).
+        reader: ``"auto"`` (ITK when installed), ``"itk"`` (MONAI's ITKReader) or ``"sitk"`` (nibabel for NIfTI,
+            SimpleITK for DICOM series and NRRD); both give the same arrays and affines (:mod:`medad.io.readers`).
     """
+    from medad.io.readers import volume_reader
+
     keys = [image_key, mask_key, brain_mask_key]
+    volume_file_reader = volume_reader(reader)
     transforms: list = [
         DropNoneKeysd([mask_key, brain_mask_key]),
-        LoadInputd(keys, reader=NibabelReader(), image_only=True, allow_missing_keys=True),
+        LoadInputd(keys, reader=volume_file_reader, folder_reader=volume_file_reader, image_only=True,
+                   allow_missing_keys=True),
         EnsureChannelFirstd(keys, allow_missing_keys=True),
         CheckInputd(image_key, spatial_dims=3, mask_keys=[mask_key, brain_mask_key], anomaly_mask_key=mask_key),
         # Labels given explicitly: MONAI 1.6 warns that their default will change.

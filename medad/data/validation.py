@@ -219,16 +219,18 @@ def _warn_empty_masks(paths: Sequence[str]) -> None:
 class LoadInputd(LoadImaged):
     """``LoadImaged`` whose failures name the file: ``"<file>: not a readable image file (<reason>)."``.
 
-    A folder is read as a DICOM series (:class:`medad.io.dicom.DicomSeriesReader`, no patient data kept).
+    A folder is read as a DICOM series by ``folder_reader`` (default :class:`medad.io.dicom.DicomSeriesReader`;
+    :func:`medad.io.readers.volume_reader` gives the ITK one), no patient data kept.
     Same arguments as :class:`monai.transforms.LoadImaged` with ``image_only=True`` (meta data travel in the
     ``MetaTensor``); files are only read, never modified.
     """
 
-    def __init__(self, keys: KeysCollection, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, keys: KeysCollection, *args: Any, folder_reader: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("image_only", True)
         if not kwargs["image_only"]:
             raise ValueError("LoadInputd keeps the meta data in the MetaTensor; use image_only=True.")
         super().__init__(keys, *args, **kwargs)
+        self.folder_reader = folder_reader
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict:
         d = dict(data)
@@ -238,7 +240,7 @@ class LoadInputd(LoadImaged):
                 if reader is None and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
                     from medad.io.dicom import DicomSeriesReader  # a folder is a DICOM series
 
-                    d[key] = self._loader(path, DicomSeriesReader())
+                    d[key] = self._loader(path, self.folder_reader or DicomSeriesReader())
                     continue
                 d[key] = self._loader(path, reader)
             except InvalidInputError:

@@ -177,24 +177,23 @@ def slice_training_transforms(
 ) -> list:
     """Random axial slices (through the brain) of a loaded ``(1, X, Y, Z)`` volume, as ``(1, H, W)`` patches.
 
-    Slices are centred on brain voxels (``RandCropByPosNegLabeld`` on the brain mask), so training never sees
-    empty slices; each is zero-padded to a multiple of ``size_divisor`` and, with ``patch_size``, randomly cropped
-    (DISYRE trains on 128² patches of axial slices). ``augment`` adds DISYRE's official spatial and intensity
-    augmentation (:func:`slice_augmentation`) to image and brain mask alike.
+    Slices are drawn in proportion to their brain voxels (:class:`medad.transforms.slices.RandBrainSlicesd`, the
+    sampling of ``RandCropByPosNegLabeld`` on the brain mask in one plain-tensor call), so training never sees
+    empty slices; with ``patch_size`` each is randomly cropped (DISYRE trains on 128² patches of axial slices) and
+    then zero-padded to a multiple of ``size_divisor``. ``augment`` adds DISYRE's official spatial and intensity
+    augmentation (:func:`slice_augmentation`) to image and brain mask alike. Only the image and the brain mask are
+    kept: training needs nothing else.
     """
     from monai import transforms as mt
 
+    from medad.transforms.slices import RandBrainSlicesd
+
     keys = [image_key, brain_mask_key]
-    chain = [
-        mt.RandCropByPosNegLabeld(keys, label_key=brain_mask_key, spatial_size=(-1, -1, 1), pos=1.0, neg=0.0,
-                                  num_samples=slices_per_volume),
-        mt.SqueezeDimd(keys, dim=-1),
-    ]
-    if patch_size is not None:
-        chain += [mt.SpatialPadd(keys, spatial_size=tuple(patch_size)), mt.RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False)]
+    chain: list = [RandBrainSlicesd(keys, label_key=brain_mask_key, num_samples=slices_per_volume,
+                                    patch_size=patch_size, size_divisor=size_divisor)]
     if augment:
         chain += slice_augmentation(image_key, brain_mask_key, patch_size)
-    chain.append(mt.DivisiblePadd(keys, k=size_divisor))
+        chain.append(mt.DivisiblePadd(keys, k=size_divisor))
     return chain
 
 
@@ -259,7 +258,10 @@ def volume_loaders(
         item["label"] = int(item.get("mask") is not None)
 
     load = data.volume_transforms(pixdim=pixdim, intensity=intensity)
-    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor, augment=augment)])
+    # flat: CacheDataset caches up to the first random transform, and a nested Compose counts as random, so the
+    # loaded, resampled volumes were not cached and every training step read and resampled them again
+    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor,
+                                                            augment=augment)]).flatten()
     test_tf = load
     if check_space and test_list:
         from medad.transforms.mri import CheckBrainGeometryd, brain_geometry_range

@@ -23,10 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from medad import metrics
+from medad import scores as scores_module
 from medad.data.validation import check_files, clear_input_errors
 from medad.inferers.base import CountingNetwork
 
-from . import export, grids
+from . import export, grids, shards
+from .amp import autocast, check_amp
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import is_main_process, unwrap
 
@@ -132,9 +134,9 @@ class AnomalyEvaluator:
         image_score: ``(B, 1, *spatial) map -> (B,) score`` (e.g. :class:`medad.scores.PooledMaxScore`).
         device: inference device.
         checkpoint_path: weights (and calibration) to load first; calibration is written back into it and into
-            ``calibration.json`` beside it (:mod:`medad.engine.export`). A TorchScript file (``model.ts`` from
-            ``ckpt_export``) is evaluated as it is: the scripted network replaces ``network`` (which may be None)
-            and the calibration embedded in it is used.
+            ``calibration.json`` beside it (:mod:`medad.engine.export`). An exported network (TorchScript
+            ``model.ts``, ``torch.export`` ``model.pt2`` or ONNX ``model.onnx``, from ``medad export``) is evaluated
+            as it is: it replaces ``network`` (which may be None) and the calibration embedded in it is used.
         bundle: bundle name, checked against the checkpoint.
         calibration_loader: normal-only validation batches for thresholds (skipped when the checkpoint has them).
         image_fpr / pixel_fpr: false-positive rates of the calibrated thresholds.
@@ -158,10 +160,34 @@ class AnomalyEvaluator:
             reorientation / resampling; 2D: the picture's size). False writes them on the loaded grid.
         resume: skip the cases an earlier run into the same ``output_dir`` finished (same signature).
         seed: base seed of the per-batch seeds.
+        amp: ``"bf16"``: run the inferer under bfloat16 autocast (:mod:`medad.engine.amp`; the calibration is made
+            under the same setting); None: full precision.
         tracker: an experiment tracker (:class:`~medad.engine.tracking.MLflowTracker`, shared with the trainer):
             the metrics, calibration and result files are logged and the run is ended.
         val_handlers: MONAI ``MLFlowHandler``s put here by stock ``monai.bundle run --tracking mlflow``; their
             store / experiment / run name become ``tracker`` (:func:`medad.engine.tracking.tracker_from_handlers`).
+        deidentify_dicom: a case read from a DICOM series folder also gets a DICOM Segmentation and Parametric Map on
+            the series' grid (with ``input_grid``; :mod:`medad.io.dicom_outputs`); True (default) leaves their
+            patient and study attributes empty, False keeps the source's patient name, ID, birth date, sex and
+            study date, time, accession number, referring physician and study ID (so that a PACS files them).
+        inference_profile: name of the inference setting the inferer was built with (``"paper"``, or ``"fast"``
+            from a bundle's ``configs/fast.json``). Thresholds hold for the maps of one setting only, so each profile
+            has its own calibration: ``"paper"`` in the checkpoint's ``calibration`` (and ``calibration.json``),
+            another in its ``calibrations[<profile>]``; a profile without one is calibrated when normal data are
+            given, else its cases get no decisions or segmentations (with a warning).
+        calibration_slices: calibrate volumes on this many equally spaced slices through each calibration volume's
+            region (brain) instead of all of them (None: all). The pixel threshold keeps its meaning (the
+            ``1 - pixel_fpr`` quantile of normal voxels) with sampling error; the image score is estimated by
+            :func:`medad.scores.sampled_image_score` (a top-k mean without bias, a maximum biased low). The
+            record states the slices, the time and the threshold's bootstrap interval.
+        calibration_bootstrap: resamples of the cluster bootstrap (over slices, or images) that gives the pixel
+            threshold's standard error and 95 % interval in the record (0: none).
+        shard: ``"K/N"``: evaluate only the K-th of N contiguous blocks of the test batches (another machine, or a
+            SLURM array task, takes each other block; :mod:`medad.engine.shards`). Maps and overlays go to
+            ``output_dir`` as usual, the shard's tables and metrics to ``output_dir/shards/K-of-N/``; the shard that
+            finishes last merges every shard's cases into ``output_dir`` (``medad cohort merge-shards`` does it by
+            hand). Every batch keeps its seed, so the merged tables equal an unsharded run's. The thresholds must
+            exist already (shards do not calibrate).
 
     Written maps are on the input's grid, and so are the table's ``anomaly_area_px`` / ``anomaly_volume_ml`` (the
     written segmentation's pixels / voxels, with the input file's voxel size); metrics (AUROC, AP, Dice, ...) are
@@ -193,8 +219,14 @@ class AnomalyEvaluator:
         input_grid: bool = True,
         resume: bool = True,
         seed: int = 0,
+        amp: str | None = None,
         tracker: Any | None = None,
         val_handlers: Sequence[Any] | None = None,
+        deidentify_dicom: bool = True,
+        inference_profile: str = "paper",
+        calibration_slices: int | None = None,
+        calibration_bootstrap: int = 200,
+        shard: str | None = None,
     ) -> None:
         if save_maps not in SAVE_MAPS:
             raise ValueError(f"save_maps must be one of {', '.join(SAVE_MAPS)}, got {save_maps!r}.")
@@ -207,6 +239,10 @@ class AnomalyEvaluator:
         self.inferer = inferer
         self.test_loader = test_loader
         self.output_dir = Path(output_dir)
+        self.maps_root = self.output_dir  # maps and overlays: one file set per case, shared by every shard
+        self.shard = shards.parse_shard(shard)
+        if self.shard is not None:
+            self.output_dir = shards.evaluation_shard_dir(output_dir, *self.shard)
         self.image_score = image_score
         self.device = torch.device(device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -225,6 +261,13 @@ class AnomalyEvaluator:
         self.input_grid = input_grid
         self.resume = resume
         self.seed = int(seed)
+        self.amp = check_amp(amp)
+        self.deidentify_dicom = bool(deidentify_dicom)
+        self.inference_profile = str(inference_profile or "paper")
+        if calibration_slices is not None and int(calibration_slices) < 1:
+            raise ValueError(f"calibration_slices must be a positive number of slices or None, got {calibration_slices}.")
+        self.calibration_slices = None if calibration_slices is None else int(calibration_slices)
+        self.calibration_bootstrap = int(calibration_bootstrap)
         self.calibration: dict[str, float] | None = None
 
     # -- model -------------------------------------------------------------------------------------
@@ -232,21 +275,27 @@ class AnomalyEvaluator:
         """Load weights and any stored calibration from ``checkpoint_path``."""
         if self.checkpoint_path is None:
             if self.network is None:
-                raise ValueError("AnomalyEvaluator needs a network or a checkpoint_path to a TorchScript model.")
+                raise ValueError("AnomalyEvaluator needs a network or a checkpoint_path to an exported model.")
             return
-        if self.checkpoint_path.is_file() and export.is_torchscript(self.checkpoint_path):
-            module, info = export.load_torchscript(self.checkpoint_path, self.device)
+        if export.model_format(self.checkpoint_path) is not None:  # TorchScript, torch.export (.pt2) or ONNX
+            module, info = export.load_exported(self.checkpoint_path, self.device)
             saved = info.get("bundle")
             if self.bundle is not None and saved is not None and saved != self.bundle:
                 raise CheckpointMismatchError(
                     f"{self.checkpoint_path}: this model was exported by bundle '{saved}', not '{self.bundle}'."
                 )
-            self.network, self.calibration = module, info.get("calibration")
+            self.network, self.calibration = module, self._profile_calibration(info)
             return
         if self.network is None:
-            raise ValueError(f"{self.checkpoint_path}: a network is needed to load a checkpoint that is not TorchScript.")
+            raise ValueError(f"{self.checkpoint_path}: a network is needed to load a checkpoint that is not an export.")
         state = load_network_weights(unwrap(self.network), self.checkpoint_path, self.bundle, self.device)
-        self.calibration = state.get("calibration")
+        self.calibration = self._profile_calibration(state)
+
+    def _profile_calibration(self, state: Mapping[str, Any]) -> dict[str, float] | None:
+        """The stored calibration of this evaluator's inference profile (``calibration`` for ``"paper"``)."""
+        if self.inference_profile == "paper":
+            return state.get("calibration")
+        return dict(state.get("calibrations") or {}).get(self.inference_profile)
 
     @contextlib.contextmanager
     def _seeded(self, batch_index: int) -> Iterator[None]:
@@ -280,7 +329,10 @@ class AnomalyEvaluator:
                 if self.foreground_key is not None:  # e.g. the brain mask, for the inferer's foreground weighting
                     fg = batch[self.foreground_key]
                     extra["foreground"] = (fg.as_tensor() if hasattr(fg, "as_tensor") else fg).to(self.device)
-                out = self.inferer(images, network, **extra)
+                with autocast(self.device, self.amp):
+                    out = self.inferer(images, network, **extra)
+                # maps and restorations in float32 whatever ran under autocast (numpy has no bfloat16)
+                out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
             scores = self.image_score(out["anomaly_map"]).reshape(-1)
             elapsed = time.perf_counter() - start
             region = _region(batch, self.region_key, images)
@@ -327,22 +379,124 @@ class AnomalyEvaluator:
 
     def calibrate(self) -> dict[str, float] | None:
         """Thresholds from the normal calibration data, stored into the checkpoint (rank 0)."""
-        if self.calibration is not None or self.calibration_loader is None:
+        if self.calibration is not None:
             return self.calibration
-        cases = self.infer(self.calibration_loader, "calibrate")
+        if self.shard is not None and self.calibration_loader is not None:
+            raise ValueError(
+                f"{self.checkpoint_path}: --shard needs thresholds calibrated before the shards start (each shard "
+                "would calibrate and write the checkpoint); run the calibration once without --shard."
+            )
+        if self.calibration_loader is None:
+            if self.inference_profile != "paper":
+                logger.warning(
+                    "%s: no thresholds calibrated for inference profile '%s'; maps are written without decisions or "
+                    "segmentations (calibrate it once with --workflow evaluate and the same profile)",
+                    self.checkpoint_path, self.inference_profile,
+                )
+            return None
+        start = time.perf_counter()
+        sampled: list[dict[str, Any]] = []  # per calibration case under slice sampling: sampled share, full width
+        loader = self.calibration_loader
+        if self.calibration_slices:
+            loader = self._sampled_slices(self.calibration_loader, sampled)
+        cases = self.infer(loader, "calibrate")
+        estimate = None
+        if sampled:  # the image score of each volume, estimated from its sampled slices
+            scores = []
+            for anomaly_map, info in zip(cases["map"], sampled):
+                score, estimate = scores_module.sampled_image_score(self.image_score, info["fraction"], info["width"])
+                scores.append(float(score(torch.as_tensor(anomaly_map)[None, None]).reshape(-1)[0]))
+            cases["score"] = scores
+        regions = cases["region"] if self.region_key else None
         self.calibration = calibrate_thresholds(
-            np.asarray(cases["score"]), cases["map"], self.image_fpr, self.pixel_fpr,
-            cases["region"] if self.region_key else None,
+            np.asarray(cases["score"]), cases["map"], self.image_fpr, self.pixel_fpr, regions,
         )
-        if (self.checkpoint_path is not None and self.checkpoint_path.is_file() and is_main_process()
-                and not export.is_torchscript(self.checkpoint_path)):
-            state = load_checkpoint(self.checkpoint_path)
-            state["calibration"] = self.calibration
-            save_checkpoint(self.checkpoint_path, state)
-            # The same thresholds beside the checkpoint, for ckpt_export to embed in TorchScript.
-            fingerprint = export.weights_fingerprint(unwrap(self.network).state_dict())
-            export.write_calibration_file(self.checkpoint_path, self.calibration, self.bundle, fingerprint)
+        self.calibration.update(self._calibration_record(cases["map"], regions, sampled, estimate))
+        self.calibration["calibration_seconds"] = round(time.perf_counter() - start, 3)  # inference + bootstrap
+        self._store_calibration()
         return self.calibration
+
+    def _slice_axis(self) -> int:
+        """Spatial axis (0-2) along which the inferer slices volumes (axial, 2, when it does not say)."""
+        return int(getattr(self.inferer, "spatial_dim", 2))
+
+    def _sampled_slices(
+        self, loader: Iterable[Mapping[str, Any]], sampled: list[dict[str, Any]]
+    ) -> Iterator[Mapping[str, Any]]:
+        """The calibration batches cut to ``calibration_slices`` equally spaced slices through their region.
+
+        Volumes only (2D batches pass unchanged). A slice-wise inferer gives the sampled slices the same maps as in
+        the whole volume; ``sampled`` receives, per case, the share of its region inside the sample and the
+        volume's last spatial size (for the image-score estimate).
+        """
+        axis = 2 + self._slice_axis()
+        for batch in loader:
+            image = batch["image"]
+            if image.dim() != 5:
+                for _ in range(image.shape[0]):
+                    sampled.append({"fraction": 1.0, "width": int(image.shape[-1])})
+                yield batch
+                continue
+            plain = image.as_tensor() if hasattr(image, "as_tensor") else image
+            region = _region(batch, self.region_key or "foreground", plain)
+            region = region.as_tensor() if hasattr(region, "as_tensor") else region
+            per_slice = region.movedim(axis, 2).flatten(3).sum(dim=3)  # (B, 1, S): region voxels of every slice
+            present = torch.nonzero(per_slice.sum(dim=(0, 1)) > 0).flatten()
+            if len(present) == 0:
+                present = torch.arange(plain.shape[axis])
+            picks = np.unique(np.round(np.linspace(0, len(present) - 1, min(self.calibration_slices, len(present)))))
+            index = present[torch.as_tensor(picks, dtype=torch.long)]
+            totals = per_slice.sum(dim=(1, 2)).clamp_min(1)
+            shares = per_slice[:, :, index].sum(dim=(1, 2)) / totals
+            for share in shares.tolist():
+                sampled.append({"fraction": max(float(share), 1e-6), "width": int(plain.shape[-1])})
+            cut = {}
+            for key, value in batch.items():
+                if torch.is_tensor(value) and value.dim() == 5 and value.shape[axis] == plain.shape[axis]:
+                    value = value.as_tensor() if hasattr(value, "as_tensor") else value
+                    value = value.index_select(axis, index.to(value.device))
+                cut[key] = value
+            yield cut
+
+    def _calibration_record(
+        self, maps: Sequence[np.ndarray], regions: Sequence[np.ndarray] | None, sampled: Sequence[Mapping[str, Any]],
+        estimate: str | None,
+    ) -> dict[str, Any]:
+        """What the thresholds were made with: profile, slice sample, the pixel threshold's sampling error."""
+        record: dict[str, Any] = {"inference_profile": self.inference_profile, "calibration_slices": self.calibration_slices}
+        if sampled and estimate is not None:
+            record["calibration_region_share"] = float(np.mean([s["fraction"] for s in sampled]))
+            record["image_score_estimate"] = estimate
+        if self.calibration_bootstrap > 0:
+            from medad.metrics.bootstrap import threshold_interval
+
+            clusters = []  # the pixel values grouped by slice (volumes) or image: the units that were sampled
+            for i, anomaly_map in enumerate(maps):
+                region = regions[i] if regions is not None else None
+                values = anomaly_map if region is None else np.where(region > 0, anomaly_map, np.nan)
+                units = np.moveaxis(values, self._slice_axis(), 0) if values.ndim == 3 else values[None]
+                clusters += [u[np.isfinite(u)] for u in units.reshape(units.shape[0], -1)]
+            se, low, high = threshold_interval(clusters, self.pixel_fpr, self.calibration_bootstrap, seed=self.seed)
+            record.update(pixel_threshold_se=se, pixel_threshold_ci95=[low, high],
+                          pixel_threshold_bootstrap=f"{self.calibration_bootstrap} resamples of {len(clusters)} "
+                                                    f"{'slices' if maps and np.ndim(maps[0]) == 3 else 'images'}")
+        return record
+
+    def _store_calibration(self) -> None:
+        """Write the thresholds into the checkpoint (rank 0): ``calibration`` (paper) or ``calibrations[profile]``."""
+        if (self.checkpoint_path is None or not self.checkpoint_path.is_file() or not is_main_process()
+                or export.model_format(self.checkpoint_path) is not None):
+            return
+        state = load_checkpoint(self.checkpoint_path)
+        if self.inference_profile != "paper":
+            state["calibrations"] = {**dict(state.get("calibrations") or {}), self.inference_profile: self.calibration}
+            save_checkpoint(self.checkpoint_path, state)
+            return
+        state["calibration"] = self.calibration
+        save_checkpoint(self.checkpoint_path, state)
+        # The same thresholds beside the checkpoint, for ckpt_export to embed in TorchScript.
+        fingerprint = export.weights_fingerprint(unwrap(self.network).state_dict())
+        export.write_calibration_file(self.checkpoint_path, self.calibration, self.bundle, fingerprint)
 
     # -- evaluation --------------------------------------------------------------------------------
     def _metrics(self, cases: Mapping[str, Any]) -> dict[str, Any]:
@@ -375,13 +529,14 @@ class AnomalyEvaluator:
         """What the finished cases depend on: weights, calibration, inferer / score settings, output settings."""
         network = unwrap(self.network)
         content = {
-            "weights": export.weights_fingerprint(network.state_dict()) if network is not None else None,
+            "weights": export.network_fingerprint(network) if network is not None else None,
             "calibration": self.calibration,
             "inferer": _settings(self.inferer),
             "image_score": _settings(self.image_score),
             "region_key": self.region_key,
             "input_grid": self.input_grid,
             "seed": self.seed,
+            **({"amp": self.amp} if self.amp else {}),  # only when set: full-precision signatures stay as they were
         }
         text = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -426,7 +581,7 @@ class AnomalyEvaluator:
         if self._should_save_maps(case):
             self._write_maps(case_id, anomaly_map, case["meta"], written, reference, case["native"], pixel_threshold)
         if drawn:
-            overlay = self.output_dir / "overlays" / f"{case_id}.png"
+            overlay = self.maps_root / "overlays" / f"{case_id}.png"
             image = case["image"].float().cpu().numpy()
             restoration = case["restoration"].float().cpu().numpy()
             if anomaly_map.ndim == 2:
@@ -464,11 +619,15 @@ class AnomalyEvaluator:
         """The case's map and segmentation files on the input's grid (and in native space when recorded)."""
         from medad import io
 
-        maps_dir = self.output_dir / "maps"
+        maps_dir = self.maps_root / "maps"
         if written.ndim == 2:
             io.write_image_case(case_id, written, maps_dir, pixel_threshold, compact=self.compact_maps)
             return
-        io.write_volume_case(case_id, written, reference, maps_dir, pixel_threshold, compact=self.compact_maps)
+        source = str(meta.get("filename_or_obj") or "")
+        dicom_series = source if self.input_grid and source and os.path.isdir(source) else None  # a DICOM series
+        io.write_volume_case(case_id, written, reference, maps_dir, pixel_threshold, compact=self.compact_maps,
+                             dicom_series=dicom_series, deidentify_dicom=self.deidentify_dicom,
+                             algorithm=f"medad {self.bundle}" if self.bundle else "medad")
         record = grids.registration_record_for(native, self.registration_dir)
         if record is not None:
             loaded_affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
@@ -495,6 +654,24 @@ class AnomalyEvaluator:
             return
         logger.info("report: %s", path)
 
+    def _finish_shard(self, case_ids: list[str]) -> None:
+        """Record this shard as finished; merge every shard's cases when it is the last one."""
+        shards.write_shard_record(self.output_dir, *self.shard, {
+            "case_ids": case_ids, "signature": self._signature(), "region_key": self.region_key,
+            "fpr_limit": self.fpr_limit, "calibration": self.calibration,
+        })
+        try:
+            done = shards.evaluation_shards_done(self.maps_root)
+        except ValueError as error:  # e.g. folders of an older split beside this one: this shard's results stand
+            logger.warning("%s; not merging", error)
+            done = False
+        if done:
+            shards.merge_evaluation_shards(self.maps_root)
+            logger.info("every shard has finished: merged tables and metrics in %s", self.maps_root)
+        else:
+            logger.info("shard %s finished; the last shard to finish merges the tables into %s",
+                        shards.shard_name(*self.shard), self.maps_root)
+
     def _plan(self, done: set[str]) -> tuple[Iterable[Mapping[str, Any]], list[int] | None, list[str] | None]:
         """The test batches still to run: ``(loader, original batch indices, every case id in order)``.
 
@@ -507,11 +684,16 @@ class AnomalyEvaluator:
         batch_size = getattr(loader, "batch_size", None)
         if (not isinstance(loader, torch.utils.data.DataLoader) or not isinstance(items, Sequence) or not batch_size
                 or len(items) != len(dataset) or not all(isinstance(i, Mapping) and i.get("case_id") for i in items)):
+            if self.shard is not None:
+                raise ValueError("--shard needs a test loader over a datalist with case ids (the bundles' loaders).")
             return loader, None, None
         ids = [str(i["case_id"]).replace("/", "_") for i in items]
         batches = [list(range(start, min(start + batch_size, len(ids)))) for start in range(0, len(ids), batch_size)]
-        todo = [b for b, members in enumerate(batches) if not all(ids[k] in done for k in members)]
-        if len(todo) == len(batches):
+        mine = range(len(batches)) if self.shard is None else shards.shard_range(len(batches), *self.shard)
+        todo = [b for b in mine if not all(ids[k] in done for k in batches[b])]
+        if self.shard is not None:
+            ids = [ids[k] for b in mine for k in batches[b]]
+        elif len(todo) == len(batches):
             return loader, None, ids
         subset = torch.utils.data.Subset(dataset, [k for b in todo for k in batches[b]])
         remaining = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
@@ -564,6 +746,8 @@ class AnomalyEvaluator:
             self.tracker.end()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.output_dir / _PARTIAL_TABLE)
+        if self.shard is not None:
+            self._finish_shard(list(cases["case_id"]))
         plain = io.to_jsonable({k: v for k, v in result.items() if not isinstance(v, dict)})
         logger.info("metrics: %s", json.dumps(plain))
         logger.info("evaluation results in %s", self.output_dir)

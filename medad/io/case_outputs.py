@@ -6,10 +6,15 @@
   <case>.seg.nrrd            Slicer segmentation
 The segmentation files are written only when a pixel threshold is given. With ``compact=True`` a map keeps float16
 precision (:func:`compact_float`) in its float32 file: every viewer still reads it, and gzip halves its size.
+
+A 3D case read from a DICOM series folder (``dicom_series``) also gets ``<case>_anomaly_map.dcm`` (Parametric Map,
+the same values) and ``<case>_seg.dcm`` (Segmentation, the same voxels) on the series' grid, referencing it
+(:mod:`medad.io.dicom_outputs`; needs ``pip install medad[dicom]``, otherwise one log line says so).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +29,7 @@ from medad.io.slicer import write_seg_nrrd, write_seg_nrrd_2d
 __all__ = ["ANOMALY_SEGMENT", "compact_float", "write_volume_case", "write_image_case"]
 
 PathLike = str | os.PathLike
+logger = logging.getLogger("medad.io.case_outputs")
 
 #: The single segment of a thresholded anomaly map.
 ANOMALY_SEGMENT: Mapping[str, Any] = {"label_value": 1, "name": "anomaly", "color": (1.0, 0.2, 0.2)}
@@ -62,6 +68,9 @@ def write_volume_case(
     threshold: float | None = None,
     segment: Mapping[str, Any] = ANOMALY_SEGMENT,
     compact: bool = False,
+    dicom_series: PathLike | None = None,
+    deidentify_dicom: bool = True,
+    algorithm: str = "medad",
 ) -> dict[str, Path]:
     """Write a 3D case's anomaly map, and its thresholded segmentation, on the input image's grid.
 
@@ -73,21 +82,48 @@ def write_volume_case(
         threshold: pixel threshold; voxels with ``map >= threshold`` form the segment.
         segment: ``label_value`` / ``name`` / ``color`` of the segment.
         compact: store the map with float16 precision (:func:`compact_float`); the segmentation uses the exact map.
+        dicom_series: the case's input folder when it is a DICOM series whose grid ``reference`` is: DICOM Parametric
+            Map and Segmentation files are written too (:func:`medad.io.dicom_outputs.write_dicom_case`). A series
+            they cannot be made for costs its DICOM files only, with a warning naming the folder.
+        deidentify_dicom: empty patient / study attributes in those files (False: the source's values).
+        algorithm: the algorithm's name in those files (e.g. ``"medad disyre"``).
 
     Returns:
-        ``{"anomaly_map": path}`` plus ``"seg_nifti"`` and ``"seg_nrrd"`` when a threshold is given.
+        ``{"anomaly_map": path}`` plus ``"seg_nifti"`` and ``"seg_nrrd"`` when a threshold is given, and
+        ``"dicom_map"`` / ``"dicom_seg"`` for a DICOM series.
     """
     out_dir = Path(out_dir)
     map_np = _to_numpy(anomaly_map).astype(np.float32)
     stored = compact_float(map_np) if compact else map_np
     paths = {"anomaly_map": write_nifti_like(stored, reference, out_dir / f"{case_id}_anomaly_map.nii.gz")}
+    affine, shape, _ = reference_grid(reference)
+    labels = None
     if threshold is not None:
         labels = _binary(map_np, float(threshold), int(segment["label_value"]))
-        affine, shape, _ = reference_grid(reference)
         paths["seg_nifti"] = write_label_nifti(labels, (affine, shape), out_dir / f"{case_id}_seg.nii.gz")
         paths["seg_nrrd"] = write_seg_nrrd(labels.reshape(shape[:3]), affine, out_dir / f"{case_id}.seg.nrrd",
                                            [segment])
+    if dicom_series is not None:
+        paths.update(_write_dicom(case_id, stored.reshape(shape[:3]), labels, dicom_series, affine, out_dir,
+                                  threshold, deidentify_dicom, algorithm, segment))
     return paths
+
+
+def _write_dicom(case_id: str, stored: np.ndarray, labels: np.ndarray | None, series: PathLike, affine: np.ndarray,
+                 out_dir: Path, threshold: float | None, deidentify: bool, algorithm: str,
+                 segment: Mapping[str, Any]) -> dict[str, Path]:
+    """The DICOM files of a case read from a DICOM series; none (and one log line) without highdicom."""
+    from medad.io.dicom_outputs import highdicom_available, write_dicom_case
+
+    if not highdicom_available():
+        return {}
+    try:
+        return write_dicom_case(case_id, stored, series, affine, out_dir,
+                                labels=None if labels is None else labels.reshape(stored.shape), threshold=threshold,
+                                deidentify=deidentify, algorithm=algorithm, segment=segment)
+    except ValueError as error:  # the NIfTI / NRRD files are written; a cohort run goes on
+        logger.warning("case %s: no DICOM outputs: %s", case_id, error)
+        return {}
 
 
 def write_image_case(

@@ -5,6 +5,8 @@ every other medad volume. No DICOM tag is copied anywhere: the series is read wi
 ``ImageSeriesReader`` without its per-slice metadata dictionaries and without private tags, the NIfTI header that
 :func:`dicom_to_nifti` writes has empty description fields, and errors name the folder, never a tag value.
 (The folder's own name is the user's choice and is kept as the case name; do not name folders after patients.)
+The DICOM Segmentation / Parametric Map written for such a case read the folder again, for their references, in
+:mod:`medad.io.dicom_outputs`; nothing read here travels through the pipeline.
 
 Use it as a loader input (``LoadInputd`` reads a folder with :class:`DicomSeriesReader`) or convert once::
 
@@ -22,10 +24,39 @@ from typing import Any
 import numpy as np
 from monai.data import ImageReader
 
-__all__ = ["read_dicom_series", "dicom_to_nifti", "DicomSeriesReader"]
+__all__ = ["read_dicom_series", "dicom_to_nifti", "DicomSeriesReader", "find_dicom_series", "is_dicom_file"]
 
 PathLike = str | os.PathLike
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Files that are certainly not DICOM (skipped without being opened when looking for series folders).
+_NOT_DICOM = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".json", ".csv",
+              ".txt", ".md", ".npz", ".pt")
+
+
+def is_dicom_file(path: PathLike) -> bool:
+    """Whether ``path`` is a DICOM Part-10 file: ``DICM`` after the 128-byte preamble (no tag is read)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def find_dicom_series(folder: PathLike, probe: int = 5) -> list[Path]:
+    """Folders under ``folder`` (itself included, at any depth) that directly hold DICOM files, sorted.
+
+    Each is one case (one series per folder, see :func:`read_dicom_series`). A folder counts when one of its
+    first ``probe`` files (by name, skipping NIfTI / image / table files) is a DICOM Part-10 file, so a folder of
+    thousands of NIfTI volumes costs a listing only.
+    """
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        candidates = [name for name in sorted(files) if not name.lower().endswith(_NOT_DICOM)][:probe]
+        if any(is_dicom_file(os.path.join(root, name)) for name in candidates):
+            found.append(Path(root))
+    return sorted(found)
 
 
 def _series_files(folder: Path, series_id: str | None) -> list[str]:

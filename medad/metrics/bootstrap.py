@@ -8,7 +8,10 @@ case are not independent.
   :func:`scipy.stats.bootstrap` (the well-kept implementation; ``method="percentile"`` so that a constant metric
   gives a zero-width interval instead of BCa's undefined one);
 - image AUROC: a *stratified* percentile bootstrap (normal and anomalous cases resampled separately, so every
-  resample has both classes and the AUROC is always defined), with :func:`sklearn.metrics.roc_auc_score`.
+  resample has both classes and the AUROC is always defined), with :func:`sklearn.metrics.roc_auc_score`;
+- a calibrated pixel threshold (the ``1 - fpr`` quantile of normal map values): a *cluster* bootstrap over the
+  slices or images its values came from (:func:`threshold_interval`), the sampling error the calibration record
+  states; neighbouring pixels are correlated, so resampling pixels one by one would understate it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["mean_interval", "image_auroc_interval"]
+__all__ = ["mean_interval", "image_auroc_interval", "threshold_interval"]
 
 
 def mean_interval(
@@ -87,3 +90,33 @@ def image_auroc_interval(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(resampled, [alpha, 1.0 - alpha])
     return (point, float(low), float(high))
+
+
+def threshold_interval(
+    clusters: Sequence[np.ndarray], fpr: float, n_resamples: int = 200, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Sampling error of :func:`~medad.metrics.threshold_at_fpr` by a cluster bootstrap.
+
+    Args:
+        clusters: the normal values grouped by the unit they were sampled in (one array per slice of a calibration
+            volume, or per calibration image); empty clusters are allowed.
+        fpr: the threshold's false-positive rate.
+        n_resamples / level / seed: of the bootstrap (clusters drawn with replacement, as many as given).
+
+    Returns:
+        ``(standard error, low, high)`` of the threshold over the resamples; NaN when there are no values.
+    """
+    from medad.metrics.segmentation import threshold_at_fpr
+
+    arrays = [np.asarray(c, dtype=np.float64).ravel() for c in clusters]
+    if not arrays or sum(a.size for a in arrays) == 0:
+        return (np.nan, np.nan, np.nan)
+    rng = np.random.default_rng(seed)
+    resampled = []
+    for _ in range(int(n_resamples)):
+        drawn = np.concatenate([arrays[i] for i in rng.integers(0, len(arrays), len(arrays))])
+        if drawn.size:
+            resampled.append(threshold_at_fpr(drawn, fpr))
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(resampled, [alpha, 1.0 - alpha])
+    return (float(np.std(resampled, ddof=1)), float(low), float(high))

@@ -15,6 +15,7 @@ from medad.scores.image_scores import (
     default_pool_kernel,
     max_score,
     pooled_max_score,
+    sampled_image_score,
     standardize_map,
     topk_mean_score,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "pooled_max_score",
     "prewitt_kernels",
     "rgb_to_lab",
+    "sampled_image_score",
     "squared_error_map",
     "standardize_map",
     "to_grayscale",

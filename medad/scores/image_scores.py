@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["max_score", "default_pool_kernel", "pooled_max_score", "topk_mean_score", "standardize_map"]
+__all__ = [
+    "max_score", "default_pool_kernel", "pooled_max_score", "topk_mean_score", "standardize_map", "sampled_image_score",
+]
 
 
 def max_score(anomaly_map: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,38 @@ def topk_mean_score(anomaly_map: torch.Tensor, k: int = 64) -> torch.Tensor:
     """
     flat = anomaly_map.reshape(anomaly_map.shape[0], -1)
     return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+def sampled_image_score(
+    image_score: Callable[[torch.Tensor], torch.Tensor], fraction: float, width: int | None = None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The image score for a map that holds a sample (``fraction`` of the values) of the map it is defined on.
+
+    Used when thresholds are calibrated on sampled slices of a volume. A top-k mean is the mean of the values
+    above the map's ``1 - k/N`` quantile, which the sample estimates with its top ``round(k · fraction)`` values
+    (same meaning, with sampling error). Any other score (a maximum, pooled or not) is evaluated on the sample as
+    it is, which cannot exceed its value on the whole map: such an image threshold is biased low.
+
+    Args:
+        image_score: ``(B, 1, *spatial) -> (B,)``, e.g. ``functools.partial(topk_mean_score, k=1000)``.
+        fraction: sampled share of the whole map's values, in (0, 1].
+        width: last spatial size of the whole map (a pooled maximum's default kernel depends on it).
+
+    Returns:
+        ``(score for the sample, how it estimates the whole-map score)``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"image_scores.py: the sampled fraction must lie in (0, 1], got {fraction}.")
+    func = getattr(image_score, "func", image_score)
+    keywords = dict(getattr(image_score, "keywords", None) or {})
+    if func is topk_mean_score:
+        k = int(keywords.pop("k", 64))
+        sample_k = max(1, round(k * fraction))
+        return functools.partial(topk_mean_score, **keywords, k=sample_k), f"top-{sample_k} mean of the sample (k = {k} x {fraction:.3f})"
+    if func is pooled_max_score and keywords.get("kernel_size") is None and width is not None:
+        keywords["kernel_size"] = default_pool_kernel(width)
+        return functools.partial(pooled_max_score, **keywords), "pooled maximum over the sample (biased low)"
+    return image_score, "the score of the sample (a maximum is biased low)"
 
 
 def standardize_map(

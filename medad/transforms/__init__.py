@@ -24,6 +24,7 @@ from .mri import (
     apply_forward_transform,
     apply_inverse_transform,
 )
+from .slices import RandBrainSlicesd
 from .frequency import (
     HighPassd,
     SobelGradientsd,
@@ -44,6 +45,7 @@ __all__ = [
     "REGISTRATION_TRANSFORMS",
     "RandFairCorruptiond",
     "RandLargeCutPasted",
+    "RandBrainSlicesd",
     "RandPerlinTextured",
     "RegisterToTemplated",
     "ReorientToCanonicald",
