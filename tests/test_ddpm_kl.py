@@ -12,7 +12,7 @@ import torch
 
 from medad import bundle
 from medad.diffusion import make_diffusion
-from medad.inferers import CountingNetwork, KLScoringInferer, SliceInferer, feature_distance_map, from_model_range
+from medad.inferers import CountingNetwork, KLScoringInferer, SliceAggregationInferer, feature_distance_map, from_model_range
 from medad.networks import AnomalyUNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ MRI_SLICES = {
         "demo_kwargs": {"num_train": 3, "num_test": 1, "spacing_mm": 8.0},
         "seed": "@seed",
     },
-    "slice_inferer": {"_target_": "medad.inferers.SliceInferer", "inferer": "@inferer", "size_divisor": 4},
+    "slice_inferer": {"_target_": "medad.inferers.SliceAggregationInferer", "inferer": "@inferer", "size_divisor": 4},
     "evaluator#inferer": "@slice_inferer",
     "monitor#inferer": "@slice_inferer",
     "evaluator#region_key": "brain_mask",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from medad.corruptions import ForeignPatchCorruption
 from medad.diffusion import make_diffusion
-from medad.inferers import AnomalyInferer, SliceInferer, SlidingWindowAnomalyInferer, SyntheticRestorationInferer
+from medad.inferers import AnomalyInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer, SyntheticRestorationInferer
 from medad.methods import SyntheticAnomalySchedule, SyntheticAnomalyStep
 from medad.networks import AnomalyUNet
 
@@ -194,7 +194,7 @@ def test_volume_in_volume_out_with_the_same_grid_and_zero_background(demo_mri: P
     network = AnomalyUNet(2, 1, 1, channels=(8, 16), num_res_blocks=1, attention_levels=(False, False)).eval()
     window = SlidingWindowAnomalyInferer(SyntheticRestorationInferer(SCHEDULE, num_steps=1), (32, 32), overlap=0.5,
                                          sw_batch_size=64, normalize_foreground_weight=False)
-    out = SliceInferer(window, spatial_dim=2, slice_batch_size=64, size_divisor=2)(volume, network)
+    out = SliceAggregationInferer(window, spatial_dim=2, slice_batch_size=64, size_divisor=2)(volume, network)
     assert out["anomaly_map"].shape == volume.shape and out["restoration"].shape == volume.shape
     anomaly = out["anomaly_map"][0, 0].numpy()
     assert (anomaly[volume[0, 0].numpy() == 0] == 0).all() and anomaly.max() > 0 and anomaly.min() >= 0

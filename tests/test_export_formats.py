@@ -1,6 +1,6 @@
 """Exports that last: ``torch.export`` (.pt2) and ONNX (onnxruntime) beside TorchScript, calibration embedded.
 
-For FAIR (2D images) and DISYRE (3D volumes restored as 2D slices by ``SliceInferer``) at tiny settings: a model
+For FAIR (2D images) and DISYRE (3D volumes restored as 2D slices by ``SliceAggregationInferer``) at tiny settings: a model
 with seeded random weights is calibrated by the evaluator, exported with ``medad export --format pt2|onnx``, and
 the exported file must give the eager network's outputs (any batch and image size) and the eager anomaly maps
 through the inference workflow within 1e-4, with the calibration and the weights fingerprint read back unchanged.

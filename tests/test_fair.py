@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medad import bundle
-from medad.inferers import FrequencyRestorationInferer, SliceInferer, SlidingWindowAnomalyInferer
+from medad.inferers import FrequencyRestorationInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer
 from medad.inferers.frequency import extractor_channels, high_frequency_input
 from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
 from medad.networks import AnomalyUNet
@@ -160,7 +160,7 @@ def test_inferer_composes_with_sliding_window_and_slices():
     out = windowed(torch.rand(1, 3, 32, 32), tiny_unet().eval())
     assert out["anomaly_map"].shape == (1, 1, 32, 32) and out["restoration"].shape == (1, 3, 32, 32)
 
-    slices = SliceInferer(inferer, spatial_dim=2, size_divisor=2)
+    slices = SliceAggregationInferer(inferer, spatial_dim=2, size_divisor=2)
     volume = torch.zeros(1, 1, 14, 14, 5)
     volume[..., 1:4] = torch.rand(1, 1, 14, 14, 3)
     out = slices(volume, tiny_unet(1, 1).eval())

@@ -13,7 +13,7 @@ import torch
 
 from medad.data import volume_transforms
 from medad.engine.builders import slice_training_transforms, volume_loaders
-from medad.inferers import SliceInferer, SlidingWindowAnomalyInferer
+from medad.inferers import SliceAggregationInferer, SlidingWindowAnomalyInferer
 from medad.inferers.base import AnomalyInferer
 from medad.transforms.mri import CheckBrainGeometryd, anti_aliasing_sigma, brain_geometry, brain_geometry_range
 
@@ -61,7 +61,7 @@ def test_slice_inferer_hands_the_brain_mask_to_the_window_inferer():
     brain = torch.zeros(1, 1, 16, 20, 6)
     brain[:, :, 4:12, 5:15, 1:5] = 1
     window = SlidingWindowAnomalyInferer(_ConstantMap(), roi_size=(8, 8), overlap=0.5, foreground_weighting=True)
-    inferer = SliceInferer(window, spatial_dim=2, size_divisor=4)
+    inferer = SliceAggregationInferer(window, spatial_dim=2, size_divisor=4)
     guessed = inferer(volume, network=None)["anomaly_map"]
     assert (guessed > 0).all()  # without the mask every voxel is foreground
     out = inferer(volume, network=None, foreground=brain)["anomaly_map"]

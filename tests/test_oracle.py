@@ -23,7 +23,7 @@ import medad.engine.grids
 import medad.inferers.slices
 from medad import metrics
 from medad.engine import AnomalyEvaluator, image_loaders, volume_loaders
-from medad.inferers import AnomalyInferer, SliceInferer, SlidingWindowAnomalyInferer
+from medad.inferers import AnomalyInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer
 from medad.scores import absolute_error_map, topk_mean_score
 
 HEALTHY_MAX = 0.6
@@ -104,7 +104,7 @@ def _run_mri(root: Path, out: Path) -> dict:
                              brain_mask_dir=root / "brain_masks", pixdim=2.0, intensity=None, val_fraction=0.5,
                              cache=False)
     window = SlidingWindowAnomalyInferer(OracleInferer(), roi_size=(24, 24), overlap=0.5, sw_batch_size=8)
-    evaluator = AnomalyEvaluator(ClampOracle(), SliceInferer(window, spatial_dim=2, size_divisor=8),
+    evaluator = AnomalyEvaluator(ClampOracle(), SliceAggregationInferer(window, spatial_dim=2, size_divisor=8),
                                  loaders["test"], out, topk_mean_score, calibration_loader=loaders["val"],
                                  region_key="brain_mask", progress=False, num_overlays=1)
     return evaluator.run()
@@ -145,8 +145,8 @@ def test_mri_oracle_fails_when_the_written_map_is_flipped(mri_cohort: Path, tmp_
 
 
 def test_mri_oracle_fails_when_slice_aggregation_flips_the_map(mri_cohort: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(medad.inferers.slices.SliceInferer, "__call__",
-                        _flip_first_axis(medad.inferers.slices.SliceInferer.__call__))
+    monkeypatch.setattr(medad.inferers.slices.SliceAggregationInferer, "__call__",
+                        _flip_first_axis(medad.inferers.slices.SliceAggregationInferer.__call__))
     result = _run_mri(mri_cohort, tmp_path)
     assert result["best_dice"] < 0.5
     assert _written_dice_3d(mri_cohort, tmp_path) < 0.5

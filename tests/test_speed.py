@@ -20,7 +20,7 @@ from monai.networks.blocks.activation import Swish
 
 from medad.engine import AnomalyEvaluator
 from medad.engine.checkpoint import load_checkpoint, save_checkpoint
-from medad.inferers import SliceInferer, SlidingWindowAnomalyInferer
+from medad.inferers import SliceAggregationInferer, SlidingWindowAnomalyInferer
 from medad.inferers.base import AnomalyInferer
 from medad.metrics import threshold_at_fpr
 from medad.metrics.bootstrap import threshold_interval
@@ -85,8 +85,8 @@ def test_channels_last_and_inference_mode_keep_the_maps():
     net = tiny_unet()
     volume = torch.rand(1, 1, 20, 18, 6)
     volume[..., 0] = 0  # an empty slice is skipped either way
-    plain = SliceInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24)), size_divisor=2)
-    fast = SliceInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24), whole_image=True),
+    plain = SliceAggregationInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24)), size_divisor=2)
+    fast = SliceAggregationInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24), whole_image=True),
                         size_divisor=2, channels_last=True, inference_mode=True, slice_batch_size=64)
     expected = plain(volume, net)
     got = fast(volume, net)
@@ -132,7 +132,7 @@ def _evaluator(tmp_path: Path, checkpoint: Path | None, profile: str = "paper", 
                loader=True) -> AnomalyEvaluator:
     data = DataLoader(Dataset(_volumes()), batch_size=1)
     return AnomalyEvaluator(
-        network=torch.nn.Conv2d(1, 1, 1), inferer=SliceInferer(InputMapInferer(), size_divisor=1),
+        network=torch.nn.Conv2d(1, 1, 1), inferer=SliceAggregationInferer(InputMapInferer(), size_divisor=1),
         test_loader=[], output_dir=tmp_path / "eval", image_score=functools.partial(topk_mean_score, k=40),
         checkpoint_path=checkpoint, bundle="toy", calibration_loader=data if loader else None,
         region_key="brain_mask", foreground_key="brain_mask", inference_profile=profile,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medad.engine import LearningMonitor, Trainer, load_checkpoint, step_decay_schedule, warmup_cosine_schedule
-from medad.inferers import SliceInferer
+from medad.inferers import SliceAggregationInferer
 from medad.inferers.base import AnomalyInferer
 from medad.methods.fair import fair_lr_scheduler
 
@@ -317,7 +317,7 @@ def test_monitor_takes_fixed_axial_slices_of_mri_volumes_and_runs_in_the_trainer
     brain = torch.zeros_like(volume)
     brain[..., 2:22, 2:22, 1:9] = 1
     loader = [{"image": volume * brain, "brain_mask": brain}, {"image": volume.flip(-1) * brain, "brain_mask": brain}]
-    monitor = LearningMonitor(loader, SliceInferer(ResidualInferer(), size_divisor=1), tmp_path, every=3,
+    monitor = LearningMonitor(loader, SliceAggregationInferer(ResidualInferer(), size_divisor=1), tmp_path, every=3,
                               slices_per_volume=3)
     data = monitor.prepare()
     assert data["clean"].shape == (2, 1, 24, 24, 3) and data["labels"].shape == (6, 1, 24, 24)

@@ -1,6 +1,6 @@
 """Training loop, evaluator, checkpoints, data builders and DDP helpers shared by every bundle."""
 
-from .builders import image_folder_loader, image_loaders, optimizer, slice_training_transforms, volume_loaders
+from .builders import image_folder_loader, image_loaders, slice_training_transforms, volume_loaders
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import all_reduce_mean, barrier, init_distributed, is_distributed, is_main_process, unwrap
 from .evaluator import AnomalyEvaluator, calibrate_thresholds
@@ -41,7 +41,6 @@ __all__ = [
     "is_main_process",
     "load_checkpoint",
     "load_network_weights",
-    "optimizer",
     "save_checkpoint",
     "unwrap",
     "warmup_cosine_schedule",

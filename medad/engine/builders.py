@@ -12,7 +12,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from .distributed import is_distributed, main_process_first
 
-__all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "slice_augmentation", "optimizer"]
+__all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "slice_augmentation"]
 
 
 def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False) -> DataLoader:
@@ -98,11 +98,6 @@ def image_loaders(
         "val": _loader(cached(val_list, eval_tf), eval_batch_size, False, num_workers),
         "test": _loader(cached(test_list, eval_tf), eval_batch_size, False, num_workers),
     }
-
-
-def optimizer(name: str, params: Any, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
-    """``torch.optim.<name>`` by name (Adam, AdamW), so configs stay short."""
-    return getattr(torch.optim, name)(params, lr=lr, **kwargs)
 
 
 def image_folder_loader(

@@ -71,7 +71,7 @@ class LearningMonitor:
     Args:
         loader: held-out normal data (the bundle's ``val`` loader): ``(B, C, H, W)`` images, or ``(1, C, X, Y, Z)``
             volumes with an optional ``foreground_key`` mask.
-        inferer: the bundle's :class:`~medad.inferers.AnomalyInferer` (2D images or, for volumes, a SliceInferer).
+        inferer: the bundle's :class:`~medad.inferers.AnomalyInferer` (2D images or, for volumes, a SliceAggregationInferer).
         output_dir: where ``learning_curve.csv`` / ``.png`` go.
         every: steps between calls; 0 or None turns the monitor off.
         num_images: 2D images to keep (the first ones of ``loader``).

@@ -5,7 +5,7 @@ from .baselines import GaussianScoreInferer, IntensityScoreInferer
 from .frequency import FrequencyRestorationInferer, high_frequency_input
 from .kl_scoring import KLScoringInferer, feature_distance_map, load_feature_extractor
 from .partial_diffusion import PartialDiffusionInferer
-from .slices import SliceInferer
+from .slices import SliceAggregationInferer
 from .sliding_window import SlidingWindowAnomalyInferer
 from .synthetic_restoration import SyntheticRestorationInferer
 
@@ -17,7 +17,7 @@ __all__ = [
     "KLScoringInferer",
     "FrequencyRestorationInferer",
     "PartialDiffusionInferer",
-    "SliceInferer",
+    "SliceAggregationInferer",
     "SlidingWindowAnomalyInferer",
     "SyntheticRestorationInferer",
     "feature_distance_map",
@@ -26,3 +26,15 @@ __all__ = [
     "high_frequency_input",
     "to_model_range",
 ]
+
+
+def __getattr__(name: str):
+    # `SliceInferer` was this class's name until it was renamed so as not to shadow monai.inferers.SliceInferer
+    # (a different class); configs and run folders written before keep working, with a warning.
+    if name == "SliceInferer":
+        import warnings
+
+        warnings.warn("medad.inferers.SliceInferer is now SliceAggregationInferer; the old name will be removed.",
+                      DeprecationWarning, stacklevel=2)
+        return SliceAggregationInferer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

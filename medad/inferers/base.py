@@ -29,7 +29,7 @@ class AnomalyInferer(Inferer):
     Called as ``inferer(images, network)`` with images ``(B, C, *spatial)`` in the loaders' range; returns a
     dict with ``anomaly_map`` ``(B, 1, *spatial)`` and ``restoration`` ``(B, C, *spatial)`` (same range as the
     input). Dict outputs compose with MONAI's ``sliding_window_inference`` and with
-    :class:`~medad.inferers.SliceInferer`, so a method inferer never needs to know about patches or volumes.
+    :class:`~medad.inferers.SliceAggregationInferer`, so a method inferer never needs to know about patches or volumes.
     """
 
     @abstractmethod

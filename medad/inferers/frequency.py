@@ -108,7 +108,7 @@ class FrequencyRestorationInferer(AnomalyInferer):
     """FAIR's inference: image -> gray -> high-pass -> network -> restoration -> anomaly map.
 
     Composes with :class:`~medad.inferers.SlidingWindowAnomalyInferer` (the high-pass is then taken per patch)
-    and with :class:`~medad.inferers.SliceInferer` (2D slices of MRI volumes, ``channels = 1``).
+    and with :class:`~medad.inferers.SliceAggregationInferer` (2D slices of MRI volumes, ``channels = 1``).
 
     Args:
         filter_kind: ``"butterworth"`` (FAIR), ``"gaussian"``, ``"ideal"`` or ``"sobel"``.

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from .base import AnomalyInferer
 
-__all__ = ["SliceInferer"]
+__all__ = ["SliceAggregationInferer"]
 
 
-class SliceInferer(AnomalyInferer):
+class SliceAggregationInferer(AnomalyInferer):
     """Apply a 2D inferer slice by slice along one axis and stack the results back into volumes.
 
     Slices are padded (zeros) to a multiple of ``size_divisor`` for the UNet and cropped back; slices that are
@@ -96,10 +96,10 @@ class SliceInferer(AnomalyInferer):
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         if inputs.dim() != 5:
-            raise ValueError(f"SliceInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
+            raise ValueError(f"SliceAggregationInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
         if foreground is not None and (foreground.shape[0], *foreground.shape[2:]) != (inputs.shape[0], *inputs.shape[2:]):
             raise ValueError(
-                f"SliceInferer: the foreground mask has shape {tuple(foreground.shape)} but the volumes have "
+                f"SliceAggregationInferer: the foreground mask has shape {tuple(foreground.shape)} but the volumes have "
                 f"{tuple(inputs.shape)}; give the brain mask on the image's grid."
             )
         if hasattr(inputs, "as_tensor"):

@@ -41,7 +41,7 @@ class SyntheticRestorationInferer(AnomalyInferer):
     The network works on the loaders' [0, 1] images directly (as the official code; background stays 0).
     Foreground weighting and background zeroing belong to the patch level: wrap this inferer in
     :class:`~medad.inferers.SlidingWindowAnomalyInferer` (``normalize_foreground_weight=False`` for DISYRE's
-    blending) and, for volumes, in :class:`~medad.inferers.SliceInferer`.
+    blending) and, for volumes, in :class:`~medad.inferers.SliceAggregationInferer`.
 
     Args:
         schedule: the :class:`~medad.methods.disyre.SyntheticAnomalySchedule` the network was trained with.
