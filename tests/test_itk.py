@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -259,9 +258,6 @@ def test_elastix_native_space_map(elastix_cohort):
     assert np.corrcoef(native_map[inside], np.asarray(source.dataobj, np.float32)[inside])[0, 1] > 0.7
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MEDAD_RUN_SLOW"), reason="two more elastix registrations and N4 (~15 s CPU); "
-                    "set MEDAD_RUN_SLOW=1")
 def test_atlas_skull_strip_with_elastix_agrees_with_deepbet(elastix_cohort):
     from medad.transforms.mri import (N4BiasCorrectiond, ReorientToCanonicald, SkullStripd, apply_inverse_transform,
                                       load_volume)

@@ -13,7 +13,7 @@ image the exact match wins, then the longest base; a remaining tie is an error. 
 names end with a mask suffix are never taken as images, so masks may sit next to their images.
 
 A folder under ``image_dir`` (or ``image_dir`` itself) that holds DICOM files is one case, a DICOM series read with
-SimpleITK (:mod:`medad.io.dicom`); its name is the name compared with the masks' bases, and the inference and
+ITK or SimpleITK (the ``reader`` setting of :func:`volume_transforms`; :mod:`medad.io.readers`); its name is the name compared with the masks' bases, and the inference and
 evaluation write DICOM Segmentation / Parametric Map files for it besides the NIfTI ones.
 """
 
