@@ -170,14 +170,14 @@ def run_bundle(name: str, data: dict[str, str], args: argparse.Namespace, budget
     wall = time.perf_counter() - start
     record: dict[str, Any] = {"bundle": name, "data": label, "returncode": returncode, "wall_seconds": round(wall, 1),
                               "settings": settings, "run_dir": str(run_dir)}
-    lines = (run_dir / "run.log").read_text(errors="replace").splitlines()
+    lines = (run_dir / "run.log").read_text(encoding="utf-8", errors="replace").splitlines()
     print("\n".join(f"  {name}| {line}" for line in lines[-15:]), flush=True)
     if returncode != 0:
         record["error"] = "\n".join(lines[-10:])
         log(f"{name}: FAILED ({returncode}) after {wall:.0f} s; see {run_dir / 'run.log'}")
         return record
     metrics_file = run_dir / "eval" / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
     model = torch.load(run_dir / "models" / "model.pt", map_location="cpu", weights_only=False)
     steps, seconds = int(model.get("step") or 0), float(model.get("train_seconds") or 0.0)
     keep = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "best_dice", "dice", "images_per_second",

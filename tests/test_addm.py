@@ -205,7 +205,7 @@ def test_verify_metadata():
 def test_bundle_trains_and_evaluates_on_the_demo_mri(tmp_path: Path):
     bundle.run(ADDM, run_dir=str(tmp_path), **TINY_NETWORKS,
                **{"loaders#demo_kwargs": {"num_train": 3, "num_test": 1, "spacing_mm": 8.0}, "evaluator#num_overlays": 1})
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     for key in ("dice", "iou", "precision", "recall", "pixel_auroc", "best_dice"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["num_cases"] == 1 and metrics["calibration"]["num_calibration_cases"] == 1
@@ -221,6 +221,6 @@ def test_bundle_runs_on_2d_images_by_configuration(tmp_path: Path):
                **TINY_NETWORKS, image_size=16, batch_size=4,
                **{"loaders#demo_kwargs": {"num_train": 6, "num_test_good": 2, "num_test_defect": 2, "image_size": 16},
                   "evaluator#num_overlays": 1, "evaluator#write_maps": False})
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 4 and 0.0 <= metrics["image_auroc"] <= 1.0
     assert 0.0 <= metrics["dice"] <= 1.0 and metrics["network_evaluations_per_image"] == 2

@@ -102,7 +102,7 @@ def test_intensity_map_is_the_brain_zscore_of_bright_voxels():
 def test_zscore_bundle_on_the_industrial_demo(tmp_path: Path):
     bundle.run(REPO / "bundles" / "zscore", extra_configs=[str(REPO / "bundles" / "zscore" / "configs" / "industrial.json")],
                run_dir=str(tmp_path), image_size=32)
-    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert result["num_cases"] == 30 and result["pixel_auroc"] > 0.9  # measured 0.99 at 64 px
     assert "pixel_threshold" in torch.load(tmp_path / "models" / "model.pt", weights_only=False)["calibration"]
     assert any((tmp_path / "eval" / "maps").glob("*.seg.nrrd"))
@@ -114,7 +114,7 @@ def test_mri_baseline_bundles_on_a_small_demo(name: str, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(name)
     bundle.run(REPO / "bundles" / name, run_dir=str(run_dir), demo_dir=str(demo),
                demo_kwargs={"num_train": 4, "num_test": 2})
-    result = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    result = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert result["num_cases"] == 2 and result["pixel_auroc"] > 0.6 and "dice" in result
     assert len(list((run_dir / "eval" / "maps").glob("*_anomaly_map.nii.gz"))) == 2
     # inference with the saved model and calibration on a folder of volumes

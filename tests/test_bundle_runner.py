@@ -40,7 +40,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_monai_bundle_run_trains_and_evaluates(trained: Path):
     assert (trained / "models" / "model.pt").is_file()
-    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 30 and 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["network_evaluations_per_image"] == 2
     assert (trained / "eval" / "cases.csv").is_file() and any((trained / "eval" / "overlays").glob("*.png"))
@@ -53,7 +53,7 @@ def test_medad_front_runs_inference_on_a_folder(trained: Path, tmp_path: Path):
     _run(["-m", "medad", "run", "--config", "bundles/ddpm_partial", "--workflow", "inference",
           "--run_dir", str(trained), "--output_dir", str(out), "--image_size", "16", "--restoration_steps", "2",
           "--input_dir", str(trained / "data" / "demo_mvtec" / "demo_texture" / "test" / "scratch")])
-    cases = (out / "cases.csv").read_text().splitlines()
+    cases = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
     assert len(cases) == 1 + len(list((trained / "data" / "demo_mvtec" / "demo_texture" / "test" / "scratch").glob("*.png")))
 
 

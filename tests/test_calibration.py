@@ -46,7 +46,7 @@ def _infer(run_dir: Path, out: Path, ckpt: Path) -> pd.DataFrame:
 def test_train_eval_inference_and_torchscript_agree(trained: Path, tmp_path: Path):
     models = trained / "models"
     state = torch.load(models / "model.pt", weights_only=False)
-    record = json.loads((models / "calibration.json").read_text())["medad_calibration"]
+    record = json.loads((models / "calibration.json").read_text(encoding="utf-8"))["medad_calibration"]
     assert record["calibration"] == state["calibration"] and record["bundle"] == "ddpm_partial"
 
     ts_path = Path(bundle.export(BUNDLE, ckpt_file=str(models / "model.pt"), filepath=str(tmp_path / "model.ts"),
@@ -71,7 +71,7 @@ def test_train_eval_inference_and_torchscript_agree(trained: Path, tmp_path: Pat
 
 
 def test_calibration_of_other_weights_is_refused(trained: Path, tmp_path: Path):
-    record = json.loads((trained / "models" / "calibration.json").read_text())
+    record = json.loads((trained / "models" / "calibration.json").read_text(encoding="utf-8"))
     with pytest.raises(CheckpointMismatchError, match="other network weights"):
         export.read_calibration(record, fingerprint="0" * 64, source="calibration.json")
     with pytest.raises(ValueError, match="not a medad calibration file"):
@@ -93,7 +93,7 @@ def test_export_torchscript_embeds_the_calibration_of_its_own_weights(trained: P
         export.export_torchscript(network(), models / "model.pt", tmp_path / "x.ts", bundle="fair")
 
     # a TorchScript file whose embedded calibration belongs to other weights is refused when loaded
-    extra = {export.CALIBRATION_FILE: (models / "calibration.json").read_text()}
+    extra = {export.CALIBRATION_FILE: (models / "calibration.json").read_text(encoding="utf-8")}
     with export.quiet_torchscript():  # torch >= 2.10 deprecates torch.jit; medad keeps .ts working
         torch.jit.save(torch.jit.script(network().eval()), str(tmp_path / "other.ts"), _extra_files=extra)
     with pytest.raises(CheckpointMismatchError, match="calibrated for other network weights"):

@@ -92,8 +92,8 @@ def test_torchrun_two_gloo_processes(tmp_path: Path):
     assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
 
     # rank 1 wrote nothing in the run folder; rank 0 wrote the data, checkpoints, maps and tables
-    rank0 = (audit / "rank0.txt").read_text().splitlines()
-    rank1 = (audit / "rank1.txt").read_text().splitlines()
+    rank0 = (audit / "rank0.txt").read_text(encoding="utf-8").splitlines()
+    rank1 = (audit / "rank1.txt").read_text(encoding="utf-8").splitlines()
     assert rank1 == []
     written = {line.split(" ", 1)[1] for line in rank0}
     for name in ("models/model.pt", "models/checkpoint.pt", "models/calibration.json", "eval/metrics.json",

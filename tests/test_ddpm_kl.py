@@ -172,7 +172,7 @@ TINY = {"image_size": 16, "max_steps": 2, "batch_size": 4, "noise_scales": [20]}
 
 def test_bundle_trains_and_evaluates_on_the_demo(tmp_path: Path):
     bundle.run(BUNDLE, "train", run_dir=str(tmp_path), **TINY)
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 30 and 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["network_evaluations_per_image"] == 1
     assert torch.load(tmp_path / "models" / "model.pt", weights_only=False)["bundle"] == "ddpm_kl"
@@ -180,7 +180,7 @@ def test_bundle_trains_and_evaluates_on_the_demo(tmp_path: Path):
     out, folder = tmp_path / "inference", tmp_path / "data" / "demo_mvtec" / "demo_texture" / "test" / "scratch"
     bundle.run(BUNDLE, "inference", run_dir=str(tmp_path), output_dir=str(out), input_dir=str(folder), image_size=16,
                noise_scales=[20])
-    rows = (out / "cases.csv").read_text().splitlines()
+    rows = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 1 + len(list(folder.glob("*.png")))
 
 
@@ -209,7 +209,7 @@ def test_bundle_runs_on_mri_slices_by_configuration_only(tmp_path: Path):
     overlay.write_text(json.dumps(MRI_SLICES))
     run_dir = tmp_path / "run"
     bundle.run(BUNDLE, "train", extra_configs=[str(overlay)], run_dir=str(run_dir), max_steps=2, noise_scales=[20])
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 1 and 0.0 <= metrics["pixel_auroc"] <= 1.0
     maps = list((run_dir / "eval" / "maps").rglob("*.nii.gz"))
     assert maps, "the 3D anomaly maps are written as NIfTI volumes"

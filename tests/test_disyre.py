@@ -216,7 +216,7 @@ def test_bundle_on_real_folders_writes_brain_metrics_and_volumes(demo_mri: Path,
     _run_bundle([CONFIGS / "train.json"], run_dir=str(tmp_path), dataset_dir=str(demo_mri / "train"),
                 test_dir=str(demo_mri / "test"), test_mask_dir=str(demo_mri / "test_masks"),
                 brain_mask_dir=str(demo_mri / "brain_masks"), quick=True, intensity=None, **TINY_NET)
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert 0 <= metrics["pixel_ap"] <= 1 and 0 <= metrics["best_dice"] <= 1 and "dice" in metrics
     assert "pixel_threshold" in metrics["calibration"]
     cases = pd.read_csv(tmp_path / "eval" / "cases.csv")
@@ -228,6 +228,6 @@ def test_bundle_on_real_folders_writes_brain_metrics_and_volumes(demo_mri: Path,
 
 def test_bundle_runs_on_2d_industrial_images_by_configuration_only(tmp_path: Path):
     _run_bundle([CONFIGS / "train.json", CONFIGS / "industrial.json"], run_dir=str(tmp_path), image_size=16, **TINY_NET)
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 30 and 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["image_auroc"] <= 1
     assert metrics["network_evaluations_per_image"] == 1

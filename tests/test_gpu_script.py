@@ -30,7 +30,7 @@ def test_gpu_script_runs_end_to_end_on_cpu_at_toy_size(tmp_path: Path):
         notes = [line for line in result.stdout.splitlines() if "CUDA is not available" in line]
         assert notes == ["gpu_run: CUDA is not available; running on the CPU at toy size (--toy)."]
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["toy"] is True and [r["bundle"] for r in summary["bundles"]] == ["fair", "disyre"]
     for record in summary["bundles"]:
         assert record["returncode"] == 0 and record["steps"] == 2 and record["settings"]["amp"] == "bf16"
@@ -45,5 +45,5 @@ def test_gpu_script_runs_end_to_end_on_cpu_at_toy_size(tmp_path: Path):
     assert {(r["precision"], r["batch"]) for r in speed} == {("fp32", 1), ("fp32", 32), ("bf16 autocast", 1),
                                                                ("bf16 autocast", 32)}
     assert all(r["images_per_second"] > 0 for r in speed)
-    assert "| fair | demo images (toy) |" in (out / "summary.md").read_text()
-    assert "medad and its dependencies already import" in (out / "gpu_run.log").read_text()
+    assert "| fair | demo images (toy) |" in (out / "summary.md").read_text(encoding="utf-8")
+    assert "medad and its dependencies already import" in (out / "gpu_run.log").read_text(encoding="utf-8")

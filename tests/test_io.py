@@ -71,12 +71,12 @@ def test_atomic_write_replaces_on_success_and_keeps_old_file_on_error(tmp_path):
     target.write_text("old")
     with atomic_write(target, "w") as handle:
         handle.write("new")
-    assert target.read_text() == "new"
+    assert target.read_text(encoding="utf-8") == "new"
     with pytest.raises(RuntimeError):
         with atomic_write(target, "w") as handle:
             handle.write("half written")
             raise RuntimeError("writer failed")
-    assert target.read_text() == "new"
+    assert target.read_text(encoding="utf-8") == "new"
     assert listing(tmp_path) == {"result.txt"}
 
 
@@ -111,7 +111,7 @@ def test_atomic_save_passes_same_extension_and_cleans_up(tmp_path):
 def test_write_json_is_numpy_safe_and_writes_nan_as_null(tmp_path):
     path = write_json(tmp_path / "s.json", {"a": np.float32(0.5), "b": np.int64(3), "c": np.array([1, 2]),
                                             "d": float("nan"), "e": np.bool_(True), "f": torch.tensor([1.5])})
-    assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [1, 2], "d": None, "e": True, "f": [1.5]}
+    assert json.loads(path.read_text(encoding="utf-8")) == {"a": 0.5, "b": 3, "c": [1, 2], "d": None, "e": True, "f": [1.5]}
 
 
 # --------------------------------------------------------------------------------------------- NIfTI
@@ -261,7 +261,7 @@ def test_write_image_case_map_and_segmentation(tmp_path):
 
 def test_color_table_lines(tmp_path):
     path = write_color_table(tmp_path / "anomaly.ctbl", SEGMENTS)
-    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
     assert lines == ["0 Background 0 0 0 0", "1 anomaly 255 51 51 255", "2 second_region 0 128 255 255"]
 
 
@@ -351,7 +351,7 @@ def test_tables_round_trip_and_summary(tmp_path):
     assert list(from_csv.columns) == list(df.columns)
     np.testing.assert_allclose(from_csv["image_score"], df["image_score"])
     assert list(from_csv["decision"]) == [True, False, False]
-    summary = json.loads(paths["summary"].read_text())
+    summary = json.loads(paths["summary"].read_text(encoding="utf-8"))
     assert summary["n_cases"] == 3 and summary["n_anomalous_decisions"] == 1
     assert summary["scores_by_label"]["0"] == {"n": 2, "mean": pytest.approx(0.4), "median": pytest.approx(0.4)}
     assert summary["mean_dice"] == pytest.approx(4 / 7) and summary["mean_runtime_s"] == pytest.approx(1.5)

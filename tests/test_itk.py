@@ -191,7 +191,7 @@ def test_elastix_preprocess_runs_without_ants(elastix_cohort):
     log = pd.read_csv(elastix_cohort["output"] / "preprocess_log.csv")
     row = log.iloc[0]
     assert row["status"] == "ok" and row["registration_backend"] == "elastix"
-    record = json.loads((elastix_cohort["case"] / "registration.json").read_text())
+    record = json.loads((elastix_cohort["case"] / "registration.json").read_text(encoding="utf-8"))
     assert record["backend"] == "elastix"
     assert record["template_transforms"] == record["inverse_transforms"] == ["0GenericAffine.mat"]
     assert record["inverse_whichtoinvert"] == [True]

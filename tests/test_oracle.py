@@ -123,7 +123,7 @@ def _written_dice_3d(root: Path, out: Path) -> float:
 
 def test_mri_oracle_segments_lesions_on_the_input_grid(mri_cohort: Path, tmp_path: Path):
     result = _run_mri(mri_cohort, tmp_path)
-    stored = json.loads((tmp_path / "metrics.json").read_text())
+    stored = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert stored["best_dice"] >= 0.95 and result["best_dice"] >= 0.95
     assert stored["pixel_ap"] >= 0.95
     assert _written_dice_3d(mri_cohort, tmp_path) >= 0.95
@@ -209,7 +209,7 @@ def _written_dice_2d(root: Path, out: Path) -> float:
 
 def test_image_oracle_segments_defects_at_the_input_size(mvtec_folder: Path, tmp_path: Path):
     result = _run_2d(mvtec_folder, tmp_path)
-    stored = json.loads((tmp_path / "metrics.json").read_text())
+    stored = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert stored["best_dice"] >= 0.95 and result["image_auroc"] == 1.0
     assert _written_dice_2d(mvtec_folder, tmp_path) >= 0.95
 

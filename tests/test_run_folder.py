@@ -67,7 +67,7 @@ def test_default_run_dir_is_outside_the_source_tree(tmp_path: Path, monkeypatch)
 
 
 def test_run_json_records_data_settings_and_network(trained: Path):
-    record = json.loads((trained / RUN_FILE).read_text())
+    record = json.loads((trained / RUN_FILE).read_text(encoding="utf-8"))
     assert record["bundle"] == "ddpm_partial" and record["data"] == {"dataset_dir": None, "category": None}
     assert record["settings"]["image_size"] == 16 and record["settings"]["quick"] is True
     assert record["network"]["channels"] == [8, 16, 16] and record["network"]["_target_"].endswith("AnomalyUNet")
@@ -101,7 +101,7 @@ def test_inference_rebuilds_the_stored_network_without_repeating_settings(traine
     out = tmp_path / "inference"
     bundle.run(BUNDLE, "inference", run_dir=str(trained), output_dir=str(out), input_dir=str(_scratch(trained)),
                **QUIET)  # no --image_size, --quick or network overrides: all read from run.json
-    cases = (out / "cases.csv").read_text().splitlines()
+    cases = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
     assert len(cases) == 1 + len(list(_scratch(trained).glob("*.png")))
 
 

@@ -77,7 +77,7 @@ def _table(folder: Path) -> pd.DataFrame:
 
 def _metrics(folder: Path) -> dict:
     timing = ("inference_seconds", "images_per_second", "network_calls", "num_shards")
-    return {k: v for k, v in json.loads((folder / "metrics.json").read_text()).items() if k not in timing}
+    return {k: v for k, v in json.loads((folder / "metrics.json").read_text(encoding="utf-8")).items() if k not in timing}
 
 
 def test_two_shards_merge_into_the_unsharded_tables(tmp_path: Path):

@@ -32,7 +32,7 @@ def test_shipped_weights_are_small_recorded_calibrated_and_documented(name: str)
     assert record["bundle"] == name and "data" not in record and record["trained_on"]["licence"]
     checkpoint = torch.load(folder / "models" / "model.pt", weights_only=False, map_location="cpu")
     assert checkpoint["bundle"] == name
-    calibration = checkpoint.get("calibration") or json.loads((folder / "models" / "calibration.json").read_text())
+    calibration = checkpoint.get("calibration") or json.loads((folder / "models" / "calibration.json").read_text(encoding="utf-8"))
     assert {"image_threshold", "pixel_threshold"} <= set(calibration)
     card = (folder / "docs" / "README.md").read_text(encoding="utf-8")
     assert "## Shipped weights (model card)" in card and record["trained_on"]["licence"] in card
@@ -46,7 +46,7 @@ def test_shipped_fair_finds_the_bottle_defects(mvtec_bottle: Path, tmp_path: Pat
     bundle.run(REPO / "bundles" / "fair", "evaluate", run_dir=str(REPO / "bundles" / "fair"),
                dataset_dir=str(mvtec_bottle), output_dir=str(out), save_maps="none", num_overlays=0,
                **{"evaluator#progress": False})
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     after = {p: p.read_bytes() for p in (REPO / "bundles" / "fair").rglob("*") if p.is_file()}
     assert after == shipped  # evaluating shipped weights writes nothing into the source tree
     assert metrics["num_cases"] == 83

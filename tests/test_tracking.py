@@ -35,10 +35,10 @@ def test_a_tracked_run_logs_parameters_losses_monitor_metrics_and_files(tmp_path
     experiment = client.get_experiment_by_name("medad-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    record = json.loads((run_dir / "run.json").read_text())
+    record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     assert run.data.params["bundle"] == "fair" and run.data.params["settings.image_size"] == "16"
     assert run.data.tags["medad.run_fingerprint"]
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     for key in ("pixel_auroc", "aupro", "pixel_ap", "image_auroc"):
         assert run.data.metrics[key] == pytest.approx(metrics[key])
     assert run.data.metrics["calibration/pixel_threshold"] == pytest.approx(metrics["calibration"]["pixel_threshold"])
@@ -63,6 +63,6 @@ def test_stock_monai_tracking_option_logs_the_evaluation(tmp_path: Path, monkeyp
               **{k: v for k, v in TINY.items() if k != "monitor_every"}, monitor_every=0)
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'eval' / 'mlruns.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert run.data.metrics["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])
     assert run.info.status == "FINISHED"

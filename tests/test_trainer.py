@@ -70,7 +70,7 @@ def _run_script(script: str, argv: list[str]) -> None:
 
 def _steps_done(run_dir: Path) -> int:
     marker = run_dir / "steps.txt"
-    return len(marker.read_text()) if marker.is_file() else 0
+    return len(marker.read_text(encoding="utf-8")) if marker.is_file() else 0
 
 
 def test_sigint_writes_a_checkpoint_and_the_rerun_ends_with_the_same_weights(tmp_path: Path, monkeypatch):
@@ -101,7 +101,7 @@ def test_sigint_writes_a_checkpoint_and_the_rerun_ends_with_the_same_weights(tmp
     assert process.exitcode == 128 + signal.SIGINT
     stopped_at = load_checkpoint(interrupted / "checkpoint.pt")["step"]
     assert 3 <= stopped_at < 14 and stopped_at % 5 != 0, stopped_at  # mid-epoch, before the end
-    log = (interrupted / "train.log").read_text()
+    log = (interrupted / "train.log").read_text(encoding="utf-8")
     assert f"interrupted at step {stopped_at}, checkpoint written to {interrupted / 'checkpoint.pt'}" in log
 
     _run_script(str(script), ["14", "0", str(interrupted)])  # the rerun resumes and finishes
@@ -305,7 +305,7 @@ def test_monitor_records_restoration_vs_do_nothing_and_writes_the_curve(tmp_path
     black.scale.data.zero_()
     monitor(black, step=6)
     assert "worse than doing nothing" in caplog.text
-    rows = (tmp_path / "learning_curve.csv").read_text().splitlines()
+    rows = (tmp_path / "learning_curve.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 4 and rows[0].startswith("step,progress,mse_normal")
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
     monitor.resume(4)  # a resumed run keeps the curve up to its checkpoint
