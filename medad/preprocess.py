@@ -108,13 +108,14 @@ def _read_log(path: Path) -> pd.DataFrame:
 
 def _write_log(rows: list[dict[str, Any]], previous: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Write ``previous`` rows of cases not in this run plus this run's rows (atomically); return this run's."""
+    from medad.io import atomic_write
+
     frame = pd.DataFrame(rows, columns=list(LOG_COLUMNS))
-    kept = previous[~previous["case"].astype(str).isin(frame["case"])] if len(previous) else previous
+    kept = previous[~previous["case"].astype(str).isin(frame["case"].astype(str))] if len(previous) else previous
     merged = pd.concat([kept.reindex(columns=list(LOG_COLUMNS)), frame], ignore_index=True) if len(kept) else frame
     merged = merged.sort_values("case", kind="stable")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    merged.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as handle:
+        merged.to_csv(handle, index=False)
     return frame
 
 

@@ -203,7 +203,7 @@ def merge_preprocess_logs(output_dir: str | os.PathLike, require_all: bool = Tru
     """
     import pandas as pd
 
-    from medad.preprocess import LOG_COLUMNS, LOG_NAME, _read_log
+    from medad.preprocess import LOG_COLUMNS, LOG_NAME, _read_log, _write_log
 
     output_dir = Path(output_dir)
     n, found = _preprocess_records(output_dir)
@@ -219,15 +219,8 @@ def merge_preprocess_logs(output_dir: str | os.PathLike, require_all: bool = Tru
                          "not finished; run them (the same command with --shard K/N) before merging.")
     frames = [_read_log(preprocess_shard_log(output_dir, k, n)) for k in range(1, n + 1)]
     rows = pd.concat([f.reindex(columns=list(LOG_COLUMNS)) for f in frames], ignore_index=True)
-    previous = _read_log(output_dir / LOG_NAME)
-    kept = previous[~previous["case"].astype(str).isin(rows["case"].astype(str))] if len(previous) else previous
-    merged = pd.concat([kept.reindex(columns=list(LOG_COLUMNS)), rows], ignore_index=True) if len(kept) else rows
-    merged = merged.sort_values("case", kind="stable")
     path = output_dir / LOG_NAME
-    from medad.io import atomic_write
-
-    with atomic_write(path, "w") as handle:
-        merged.to_csv(handle, index=False)
+    _write_log(rows.to_dict("records"), _read_log(path), path)  # rows of other cases already in it are kept
     logger.info("merged %d preprocessing shard logs into %s", n, path)
     return path
 
