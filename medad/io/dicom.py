@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from monai.data import ImageReader
 
-__all__ = ["read_dicom_series", "dicom_to_nifti", "DicomSeriesReader", "find_dicom_series", "is_dicom_file"]
+__all__ = ["read_dicom_series", "dicom_to_nifti", "DicomSeriesReader", "find_dicom_series", "is_dicom_file",
+           "sitk_ras_affine"]
 
 PathLike = str | os.PathLike
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -102,11 +103,17 @@ def read_dicom_series(folder: PathLike, series_id: str | None = None) -> tuple[n
         raise ValueError(f"{folder}: expected a 3D series, got {image.GetDimension()}D.")
     # SimpleITK arrays are [z, y, x]; medad volumes are [x, y, z] with an affine to RAS (ITK works in LPS).
     volume = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0), dtype=np.float32)
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return volume, sitk_ras_affine(image)
+
+
+def sitk_ras_affine(image: Any) -> np.ndarray:
+    """The 4x4 RAS affine of a 2D or 3D SimpleITK image (whose direction, spacing and origin are LPS), for its
+    array transposed to ``(X, Y[, Z])``."""
+    dim = image.GetDimension()
     lps = np.eye(4)
-    lps[:3, :3] = direction @ np.diag(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
-    return volume, _LPS_TO_RAS @ lps
+    lps[:dim, :dim] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim) @ np.diag(image.GetSpacing())
+    lps[:dim, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ lps
 
 
 def dicom_to_nifti(folder: PathLike, path: PathLike, series_id: str | None = None) -> Path:

@@ -43,7 +43,6 @@ from medad.preprocess_args import VOLUME_READERS  # noqa: E402
 GEOMETRY_KEYS: tuple[str, ...] = ("affine", "original_affine", "spatial_shape", "spacing", "space",
                                   "original_channel_dim", "filename_or_obj")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def resolve_reader(reader: str = "auto") -> str:
@@ -147,12 +146,9 @@ class SimpleITKVolumeReader(ImageReader):
         array = sitk.GetArrayFromImage(image)
         array = np.ascontiguousarray(array.transpose(*reversed(range(image.GetDimension())),
                                                      *range(image.GetDimension(), array.ndim)))
-        dim = image.GetDimension()
-        lps = np.eye(4)
-        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
-        lps[:dim, :dim] = direction @ np.diag(image.GetSpacing())
-        lps[:dim, 3] = image.GetOrigin()
-        return name, array, _LPS_TO_RAS @ lps
+        from medad.io.dicom import sitk_ras_affine
+
+        return name, array, sitk_ras_affine(image)
 
     def get_data(self, img: tuple[str, np.ndarray, np.ndarray]) -> tuple[np.ndarray, dict]:
         name, array, affine = img

@@ -119,11 +119,10 @@ def sitk_to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) ->
     """A 3D SimpleITK image (LPS) as a ``(1, X, Y, Z)`` ``MetaTensor`` with a RAS affine."""
     import SimpleITK as sitk
 
+    from medad.io.dicom import sitk_ras_affine
+
     array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
-    return MetaTensor(torch.from_numpy(array)[None].to(dtype), affine=torch.from_numpy(_RAS_TO_LPS @ lps))
+    return MetaTensor(torch.from_numpy(array)[None].to(dtype), affine=torch.from_numpy(sitk_ras_affine(image)))
 
 
 def _to_sitk_affine(parameters: Mapping[str, Sequence[str]]) -> sitk.AffineTransform:
