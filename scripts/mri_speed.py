@@ -99,6 +99,8 @@ def volume_loader(parser, images: Path, brain_masks: Path, masks: Path | None = 
 
 # -- calibrate ------------------------------------------------------------------------------------------------
 def calibrate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from medad.engine.checkpoint import store_calibration
+
     rows = []
     work = Path(tempfile.mkdtemp(prefix="mri_speed_"))
     try:
@@ -122,7 +124,7 @@ def calibrate(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.store and profile != "paper" and slices is None:
-                        _store_profile_calibration(shipped, profile, calibration)
+                        store_calibration(shipped, calibration, profile)
                         print(f"stored calibrations[{profile!r}] in {shipped}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -136,14 +138,6 @@ def _without_calibration(source: Path, target: Path) -> None:
     state.pop("calibration", None)
     state.pop("calibrations", None)
     torch.save(state, target)
-
-
-def _store_profile_calibration(checkpoint: Path, profile: str, calibration: dict[str, Any]) -> None:
-    from medad.engine.checkpoint import load_checkpoint, save_checkpoint
-
-    state = load_checkpoint(checkpoint)
-    state["calibrations"] = {**dict(state.get("calibrations") or {}), profile: dict(calibration)}
-    save_checkpoint(checkpoint, state)
 
 
 # -- compare --------------------------------------------------------------------------------------------------

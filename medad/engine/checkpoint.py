@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_network_weights", "CheckpointMismatchError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_network_weights", "store_calibration", "CheckpointMismatchError"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -78,3 +78,14 @@ def load_network_weights(
             f"{path}: the weights do not fit this network configuration ({first})."
         ) from error
     return state
+
+
+def store_calibration(path: str | os.PathLike, calibration: dict[str, Any], profile: str = "paper") -> None:
+    """Write calibrated thresholds into the checkpoint at ``path``: ``calibration`` for the paper inference
+    setting, ``calibrations[profile]`` for another (each setting's maps need their own thresholds)."""
+    state = load_checkpoint(path)
+    if profile == "paper":
+        state["calibration"] = calibration
+    else:
+        state["calibrations"] = {**dict(state.get("calibrations") or {}), profile: dict(calibration)}
+    save_checkpoint(path, state)

@@ -29,7 +29,7 @@ from medad.inferers.base import CountingNetwork
 
 from . import export, grids, shards
 from .amp import autocast, check_amp
-from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
+from .checkpoint import CheckpointMismatchError, load_network_weights, store_calibration
 from .distributed import is_main_process, unwrap
 
 __all__ = ["SAVE_MAPS", "AnomalyEvaluator", "calibrate_thresholds"]
@@ -487,13 +487,9 @@ class AnomalyEvaluator:
         if (self.checkpoint_path is None or not self.checkpoint_path.is_file() or not is_main_process()
                 or export.model_format(self.checkpoint_path) is not None):
             return
-        state = load_checkpoint(self.checkpoint_path)
+        store_calibration(self.checkpoint_path, self.calibration, self.inference_profile)
         if self.inference_profile != "paper":
-            state["calibrations"] = {**dict(state.get("calibrations") or {}), self.inference_profile: self.calibration}
-            save_checkpoint(self.checkpoint_path, state)
             return
-        state["calibration"] = self.calibration
-        save_checkpoint(self.checkpoint_path, state)
         # The same thresholds beside the checkpoint, for ckpt_export to embed in TorchScript.
         fingerprint = export.weights_fingerprint(unwrap(self.network).state_dict())
         export.write_calibration_file(self.checkpoint_path, self.calibration, self.bundle, fingerprint)
