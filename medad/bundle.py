@@ -9,6 +9,7 @@ works from the repository root), and :func:`run` is the folder-taking front used
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -18,26 +19,34 @@ from typing import Any
 from medad.overrides import OverrideError
 
 __all__ = [
-    "locate",
-    "config_files",
-    "run",
-    "verify_metadata",
-    "export",
-    "schema_path",
-    "default_run_dir",
-    "inference_dir",
     "WORKFLOWS",
+    "config_files",
+    "default_run_dir",
+    "export",
+    "inference_dir",
+    "locate",
+    "logging_file",
+    "pack",
+    "parser",
+    "run",
+    "schema_path",
+    "shared_configs_dir",
+    "verify_metadata",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: workflow name -> the bundle config files merged for it (later files override earlier ones).
-WORKFLOWS: dict[str, tuple[str, ...]] = {
-    "train": ("train.json",),
-    "inference": ("inference.json",),
-    "evaluate": ("inference.json", "evaluate.json"),
-    "multi_gpu_train": ("train.json", "multi_gpu_train.json"),
+#: workflow name -> (shared file of the top-level ``configs/``, the bundle's own file) merged after the training stack,
+#: in this order; a missing bundle file is skipped (it holds only what differs for that bundle). The shared names
+#: differ from the bundle's because MONAI (``ckpt_export``) refuses two config files with the same name in one list.
+WORKFLOWS: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (),
+    "inference": (("base_inference.json", "inference.json"),),
+    "evaluate": (("base_inference.json", "inference.json"), ("base_evaluate.json", "evaluate.json")),
+    "multi_gpu_train": (("base_multi_gpu_train.json", "multi_gpu_train.json"),),
 }
+#: the data domains a bundle can be run on (``configs/data/<name>.json``; ``--data <name>``).
+DATA_DOMAINS = ("industrial", "mri")
 
 
 def locate(name: str) -> str:
@@ -98,16 +107,84 @@ def _bundle_dir(config: str | os.PathLike) -> Path:
     return path.resolve()
 
 
-def config_files(config: str | os.PathLike, workflow: str = "train") -> list[str]:
-    """The config files of ``workflow`` for the bundle at ``config`` (a folder, or a bundle name)."""
+def shared_configs_dir(config: str | os.PathLike | None = None) -> Path:
+    """The top-level ``configs/`` folder every bundle merges: ``$MEDAD_CONFIGS``, beside the bundle's ``bundles/``
+    folder (a checkout), or the checkout medad runs from."""
+    candidates = [Path(os.environ["MEDAD_CONFIGS"])] if os.environ.get("MEDAD_CONFIGS") else []
+    if config is not None:
+        candidates.append(_bundle_dir(config).parent.parent / "configs")
+    candidates.append(REPO_ROOT / "configs")
+    for candidate in candidates:
+        if (candidate / "base.json").is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"the shared configs folder (with base.json) is not in {', '.join(map(str, candidates))}.")
+
+
+def _declared(train_file: Path) -> tuple[list[str], str | None]:
+    """The shared files a bundle's ``train.json`` merges before itself (``parent_configs``, paths inside the
+    top-level ``configs/``) and the data domain among them (``data/<domain>.json``; ``None`` if it names none)."""
+    parents = json.loads(train_file.read_text(encoding="utf-8")).get("parent_configs", [])  # json: --help stays light
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ValueError(f"{train_file}: 'parent_configs' must be a list of file names inside the top-level configs/.")
+    domains = [Path(p).stem for p in parents if Path(p).parent.name == "data"]
+    return parents, domains[0] if domains else None
+
+
+def config_files(config: str | os.PathLike, workflow: str = "train", data: str | None = None) -> list[str]:
+    """The config files of ``workflow`` for the bundle at ``config`` (a folder, or a bundle name), in merge order.
+
+    The training stack is ``configs/<parent>`` for each of the bundle's ``parent_configs`` (e.g. ``base.json``,
+    ``data/mri.json``, ``networks/unet.json``; ``data`` replaces the ``data/*.json`` entry), the bundle's
+    ``train.json`` and, on data other than its own, its overlay for that data (``<bundle>/configs/<data>.json``,
+    if it has one); the other workflows add their shared file and the bundle's own (e.g. ``configs/base_inference.json``,
+    then ``<bundle>/configs/inference.json`` if present). Stock MONAI runs the same list:
+    ``python -m monai.bundle run --config_file "['...', ...]"`` (``medad run --config B --print_command``).
+
+    Args:
+        config: the bundle folder or name.
+        workflow: one of :data:`WORKFLOWS`.
+        data: the data domain (:data:`DATA_DOMAINS`); default: the one in the bundle's ``parent_configs``.
+    """
     if workflow not in WORKFLOWS:
         raise ValueError(f"unknown workflow '{workflow}'; choose one of {', '.join(WORKFLOWS)}.")
-    configs = _bundle_dir(config) / "configs"
-    files = [configs / name for name in WORKFLOWS[workflow]]
+    bundle = _bundle_dir(config)
+    own = bundle / "configs"
+    train = own / "train.json"
+    if not train.is_file():
+        raise FileNotFoundError(f"{train}: config file missing for workflow '{workflow}'.")
+    parents, default_data = _declared(train)
+    if data is not None and data not in DATA_DOMAINS:
+        raise OverrideError(f"--data must be one of {', '.join(DATA_DOMAINS)}, not {data!r}.")
+    if data is not None and default_data is None:
+        raise OverrideError(f"{train}: this bundle names no data/*.json in its parent_configs, so --data cannot apply.")
+    shared = shared_configs_dir(bundle)
+    files = [shared / (f"data/{data}.json" if data and Path(p).parent.name == "data" else p) for p in parents]
+    files.append(train)
+    if data and data != default_data and (own / f"{data}.json").is_file():
+        files.append(own / f"{data}.json")
+    for shared_name, own_name in WORKFLOWS[workflow]:
+        files += [shared / shared_name] + ([own / own_name] if (own / own_name).is_file() else [])
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: config file missing for workflow '{workflow}'.")
     return [str(f) for f in files]
+
+
+def logging_file(config: str | os.PathLike) -> str:
+    """The logging configuration: the bundle's own ``configs/logging.conf``, else the shared one."""
+    own = _bundle_dir(config) / "configs" / "logging.conf"
+    return str(own if own.is_file() else shared_configs_dir(config) / "logging.conf")
+
+
+def parser(config: str | os.PathLike, workflow: str = "train", data: str | None = None, extra_configs: Sequence[str] = (),
+           **override: Any) -> Any:
+    """A :class:`monai.bundle.ConfigParser` of the workflow's merged files with ``override`` applied (not run)."""
+    from monai.bundle import ConfigParser
+
+    result = ConfigParser()
+    result.read_config(config_files(config, workflow, data) + list(extra_configs))
+    result.update({"bundle_root": str(_bundle_dir(config)), **override})
+    return result
 
 
 def run(
@@ -116,6 +193,7 @@ def run(
     run_id: str = "run",
     extra_configs: Sequence[str] | None = None,
     shard: str | None = None,
+    data: str | None = None,
     **override: Any,
 ) -> None:
     """Run a bundle folder the way ``python -m monai.bundle run`` runs its config files.
@@ -124,7 +202,10 @@ def run(
         config: the bundle folder (``bundles/disyre``) or a bundle name (``disyre``).
         workflow: ``train`` (train + evaluate), ``inference``, ``evaluate`` or ``multi_gpu_train``.
         run_id: the config entry to run (MONAI's ``run_id``).
-        extra_configs: more config files merged after the workflow's own.
+        extra_configs: more config files merged after the workflow's own (e.g. a bundle's ``fast.json``).
+        data: the data domain, ``industrial`` or ``mri`` (``configs/data/<data>.json`` plus the bundle's overlay
+            for it); default: the bundle's own (in its ``parent_configs``), or for inference/evaluate the data the
+            run was trained on.
         override: ``--key value`` overrides, as for ``monai.bundle run`` (e.g. ``dataset_dir``, ``quick``).
             ``tracking="mlflow"`` (with optional ``tracking_uri``, ``experiment_name``, ``run_name``) turns on
             experiment tracking (:mod:`medad.engine.tracking`) instead of MONAI's ignite handlers.
@@ -134,7 +215,6 @@ def run(
     from monai.bundle import run as monai_run
 
     bundle = _bundle_dir(config)
-    files = config_files(bundle, workflow) + list(extra_configs or [])
     override.setdefault("bundle_root", str(bundle))
     _tracking_overrides(override)
     if shard not in (None, ""):
@@ -146,16 +226,29 @@ def run(
             override["evaluator#shard"] = "{}/{}".format(*parse_shard(shard))
         except ValueError as error:
             raise OverrideError(str(error)) from error
-    if workflow in ("inference", "evaluate"):  # rebuild the stored network; the user never repeats --quick etc.
-        override.update(_stored_settings(files, override, workflow))
-    logging_file = bundle / "configs" / "logging.conf"
+    files, stored = _workflow_files(bundle, workflow, data, extra_configs or [], override)
+    override.update(stored)
     monai_run(
         run_id=run_id,
         config_file=files,
         meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(logging_file) if logging_file.is_file() else None,
+        logging_file=logging_file(bundle),
         **override,
     )
+
+
+def _workflow_files(bundle: Path, workflow: str, data: str | None, extra_configs: Sequence[str],
+                    override: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The workflow's files and, for inference/evaluate, the overrides that rebuild the stored run (its network,
+    settings and the data domain it was trained on, unless ``data`` is given)."""
+    files = config_files(bundle, workflow, data) + list(extra_configs)
+    if workflow not in ("inference", "evaluate"):
+        return files, {}
+    stored = _stored_settings(files, override, workflow)
+    if data is None and stored.get("data") not in (None, _declared(bundle / "configs" / "train.json")[1]):
+        files = config_files(bundle, workflow, stored["data"]) + list(extra_configs)
+        stored = _stored_settings(files, override, workflow)
+    return files, stored
 
 
 def _tracking_overrides(override: dict[str, Any]) -> None:
@@ -246,26 +339,90 @@ def export(
     model_dir = Path(override["run_dir"]) / "models" if override.get("run_dir") else bundle / "models"
     filepath = filepath or str(model_dir / f"model{formats.EXPORT_FORMATS[format]}")
     ckpt_file = ckpt_file or str(model_dir / "model.pt")
-    configs = [str(bundle / "configs" / "inference.json")]
-    override.update(_stored_settings(configs, {**override, "bundle_root": str(bundle), "ckpt_path": ckpt_file}))
+    override.update({"bundle_root": str(bundle), "ckpt_path": ckpt_file})
+    configs, stored = _workflow_files(bundle, "inference", override.pop("data", None), [], override)
+    override.update(stored)
     meta_file = bundle / "configs" / "metadata.json"
     if format == "torchscript":
-        from monai.bundle import ckpt_export
+        import tempfile
 
-        if formats.calibration_path(ckpt_file).is_file():
-            configs.append(str(formats.calibration_path(ckpt_file)))  # ckpt_export stores every config as an extra file
-        with formats.quiet_torchscript():
-            ckpt_export(net_id="network_def", filepath=filepath, ckpt_file=ckpt_file, meta_file=str(meta_file),
-                        config_file=configs, key_in_ckpt="network", bundle_root=str(bundle), **override)
+        from monai.bundle import ConfigParser, ckpt_export
+
+        with tempfile.TemporaryDirectory() as folder:  # ckpt_export stores every config file by name: merge them
+            merged = Path(folder) / "inference.json"
+            ConfigParser.export_config_file(ConfigParser.load_config_files(configs), str(merged), indent=4)
+            configs = [str(merged)]
+            if formats.calibration_path(ckpt_file).is_file():
+                configs.append(str(formats.calibration_path(ckpt_file)))
+            with formats.quiet_torchscript():
+                ckpt_export(net_id="network_def", filepath=filepath, ckpt_file=ckpt_file, meta_file=str(meta_file),
+                            config_file=configs, key_in_ckpt="network", **override)
     else:
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
         parser.read_config(configs)
-        parser.update({**override, "bundle_root": str(bundle), "ckpt_path": ckpt_file})
+        parser.update(override)
         writer = formats.export_program if format == "pt2" else formats.export_onnx
         metadata = ConfigParser.load_config_file(str(meta_file)) if meta_file.is_file() else None
         writer(parser.get_parsed_content("network_def"), ckpt_file, filepath, bundle=parser.get("bundle_name"),
                metadata=metadata, config_files=configs)
     print(f"medad export: {ckpt_file} -> {filepath}", flush=True)
     return filepath
+
+
+#: the files a packed bundle's workflows are written to (``configs/<name>``)
+PACKED_CONFIGS = {"train": "train.json", "inference": "inference.json", "evaluate": "evaluate.json",
+                  "multi_gpu_train": "multi_gpu_train.json"}
+
+
+def pack(config: str | os.PathLike, out_dir: str | os.PathLike, data: str | None = None) -> Path:
+    """Write a self-contained MONAI bundle: one merged config per workflow, metadata, logging, weights, docs.
+
+    Each workflow's files (:func:`config_files`) are merged into ``OUT/configs/<workflow>.json``, so stock
+    ``python -m monai.bundle run --config_file OUT/configs/inference.json`` runs it from any folder (``bundle_root``
+    is written as OUT's absolute path; pass ``--bundle_root`` after moving the folder). The inference and evaluate
+    configs carry the shipped model's stored settings (its ``run.json``), which ``medad run`` would otherwise
+    apply, so the network is rebuilt exactly as trained. ``metadata.json`` gains ``files_sha256`` (SHA-256 of every
+    packed file) and still validates against the bundle schema.
+
+    Args:
+        config: the bundle folder or name.
+        out_dir: the new bundle folder; must not exist or be empty.
+        data: the data domain to pack (default: the bundle's own).
+
+    Returns:
+        the packed bundle folder.
+    """
+    import shutil
+
+    from monai.bundle import ConfigParser
+
+    from medad.io import write_json
+
+    bundle = _bundle_dir(config)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: the pack folder exists and is not empty; choose a new folder.")
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for folder in ("models", "docs"):
+        if (bundle / folder).is_dir():
+            shutil.copytree(bundle / folder, out / folder, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    if (bundle / "run.json").is_file():
+        shutil.copy2(bundle / "run.json", out / "run.json")
+    for workflow, name in PACKED_CONFIGS.items():
+        override: dict[str, Any] = {"bundle_root": str(out)}
+        files, stored = _workflow_files(bundle, workflow, data, [], dict(override))
+        merged = ConfigParser.load_config_files(files)
+        merged.pop("parent_configs", None)
+        parsed = ConfigParser(merged)  # stored settings are "#"-paths (network_def#channels): set them nested
+        parsed.update({**stored, **override})
+        write_json(out / "configs" / name, parsed.get(), indent=4)
+    shutil.copy2(logging_file(bundle), out / "configs" / "logging.conf")
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    metadata["files_sha256"] = {
+        str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(out.rglob("*")) if path.is_file()
+    }
+    write_json(out / "configs" / "metadata.json", metadata, indent=4)
+    return out

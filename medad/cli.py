@@ -25,9 +25,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from medad.overrides import OverrideError, check_overrides, describe_keys, parse_bool, split_args
+from medad.overrides import (
+    OverrideError,
+    check_overrides,
+    describe_keys,
+    parse_bool,
+    split_args,
+)
 
-__all__ = ["main", "COMMANDS", "BAD_INPUT_ERRORS", "explain_error"]
+__all__ = ["BAD_INPUT_ERRORS", "COMMANDS", "explain_error", "main"]
 
 #: subcommand -> one-line summary (``medad --help``)
 COMMANDS: dict[str, str] = {
@@ -35,6 +41,8 @@ COMMANDS: dict[str, str] = {
     "preprocess": "preprocess a cohort of brain MRI volumes (reorient, N4, skull strip, register, normalise)",
     "verify_metadata": "check a bundle's configs/metadata.json against the shipped schema (offline)",
     "export": "export a bundle's trained network (TorchScript, torch.export .pt2 or ONNX), calibrated thresholds included",
+    "bundle": "bundle pack BUNDLE OUT_DIR [--data D]: a self-contained MONAI bundle (configs merged, weights, docs, "
+              "metadata with file hashes) that stock `python -m monai.bundle run` runs from any folder",
     "cohort": "cohort summarize RUN_OR_EVAL_DIR ...: one table of runs, with 95 % bootstrap intervals over cases; "
               "cohort merge-shards OUT_DIR: merge the tables of --shard runs",
 }
@@ -72,7 +80,10 @@ Run a bundle folder (or bundle name) the way `python -m monai.bundle run` runs i
 front options:
   --config BUNDLE        bundle folder (bundles/fair) or name (fair)
   --workflow W           train (train + calibrate + evaluate; default), inference, evaluate, multi_gpu_train
-  --extra_configs FILES  more config files merged after the workflow's, e.g. "['bundles/fair/configs/mri.json']"
+  --data D               industrial or mri: the data domain (configs/data/D.json and the bundle's own D.json);
+                         default: the bundle's own (inference/evaluate: the data the run was trained on)
+  --extra_configs FILES  more config files merged after the workflow's, e.g. "['fast.json']"
+  --print_command        print the equivalent stock `python -m monai.bundle run --config_file [...]` and exit
   --run_id ID            config entry to run (default: run)
   --shard K/N            inference / evaluate: only shard K of N of the sorted cases (a SLURM array task each);
                          the last shard to finish merges the tables (or: medad cohort merge-shards OUTPUT_DIR)
@@ -123,12 +134,25 @@ def _take_config(positional: list[str], options: dict[str, str | None], command:
     return config
 
 
-def _workflow_files(config: str, workflow: str, extra: Sequence[str]) -> list[str]:
+def _workflow_files(config: str, workflow: str, extra: Sequence[str], data: str | None = None) -> list[str]:
     from medad import bundle  # light: the standard library only at import time
 
     if workflow not in WORKFLOW_NAMES:
         raise OverrideError(f"unknown --workflow {workflow!r}; choose one of {', '.join(WORKFLOW_NAMES)}.")
-    return bundle.config_files(config, workflow) + list(extra)
+    return bundle.config_files(config, workflow, data) + list(extra)
+
+
+def stock_command(files: Sequence[str], bundle_dir: str | os.PathLike) -> str:
+    """The ``python -m monai.bundle run`` command that runs ``files`` (paths relative to the working folder)."""
+    from medad import bundle
+
+    def short(path: str | os.PathLike) -> str:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+
+    listed = ",".join(f"'{short(f)}'" for f in files)
+    meta = Path(bundle_dir) / "configs" / "metadata.json"
+    return (f'python -m monai.bundle run --config_file "[{listed}]" --meta_file {short(meta)} '
+            f"--logging_file {short(bundle.logging_file(bundle_dir))}")
 
 
 def _extra_configs(text: str | None, config: str) -> list[str]:
@@ -165,7 +189,14 @@ def _run(argv: list[str]) -> int:
     run_id = options.pop("run_id", None) or "run"
     shard = options.pop("shard", None)
     extra = _extra_configs(options.pop("extra_configs", None), config)
-    files = _workflow_files(config, workflow, extra)
+    data = options.pop("data", None)
+    files = _workflow_files(config, workflow, extra, data)
+    print_command = options.pop("print_command", "false")
+    if print_command is None or parse_bool("print_command", print_command):
+        from medad import bundle
+
+        print(stock_command(files, bundle._bundle_dir(config)))
+        return 0
     if help_wanted:
         print(RUN_USAGE)
         print(f"bundle {config}, workflow {workflow} ({', '.join(os.path.basename(f) for f in files)}):\n")
@@ -174,20 +205,23 @@ def _run(argv: list[str]) -> int:
     overrides = check_overrides(files, options, extra_keys=_TRACKING_KEYS)
     from medad import bundle
 
-    _quiet_about_shipped_configs(files, bundle.REPO_ROOT / "bundles")
-    bundle.run(config, workflow=workflow, run_id=run_id, extra_configs=extra or None, shard=shard, **overrides)
+    _quiet_about_shipped_configs(files, bundle.REPO_ROOT)
+    bundle.run(config, workflow=workflow, run_id=run_id, extra_configs=extra or None, shard=shard, data=data,
+               **overrides)
     return 0
 
 
 def _quiet_about_shipped_configs(files: Sequence[str], shipped: Path) -> None:
-    """Silence MONAI's "only run configs you trust" warning when every config file is one medad ships.
+    """Silence MONAI's "only run configs you trust" warning when every config file is one medad ships (``shipped``
+    is the checkout holding ``bundles/`` and ``configs/``).
 
     The warning is right for configs from elsewhere (a user's own bundle or --extra_configs keep it), and noise
     before every run of the bundles that come with medad.
     """
     import warnings
 
-    if all(Path(f).resolve().is_relative_to(shipped.resolve()) for f in files):
+    roots = [(shipped / name).resolve() for name in ("bundles", "configs")]
+    if all(any(Path(f).resolve().is_relative_to(root) for root in roots) for f in files):
         warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
 
 
@@ -221,7 +255,9 @@ def _verify_metadata(argv: list[str]) -> int:
 
 
 def _preprocess(argv: list[str]) -> int:
-    from medad.preprocess_args import build_parser  # light: --help and usage errors answer before any heavy import
+    from medad.preprocess_args import (
+        build_parser,  # light: --help and usage errors answer before any heavy import
+    )
 
     try:
         build_parser(prog="medad preprocess").parse_args(argv)
@@ -230,6 +266,38 @@ def _preprocess(argv: list[str]) -> int:
     from medad.preprocess import main as preprocess_main
 
     return int(preprocess_main(argv) or 0)
+
+
+BUNDLE_USAGE = """usage: medad bundle pack BUNDLE OUT_DIR [--data industrial|mri]
+
+Write BUNDLE as a self-contained MONAI bundle in OUT_DIR (new or empty): configs/{train,inference,evaluate,
+multi_gpu_train}.json with the shared configs/ merged in and the shipped model's stored settings applied,
+metadata.json (with files_sha256) and logging.conf, models/ and docs/. Run it from any folder with
+  python -m monai.bundle run --config_file OUT_DIR/configs/inference.json --meta_file OUT_DIR/configs/metadata.json \\
+      --logging_file OUT_DIR/configs/logging.conf --input_dir IMAGES
+(bundle_root is OUT_DIR's absolute path; pass --bundle_root after moving the folder).
+"""
+
+
+def _bundle(argv: list[str]) -> int:
+    positional, options = split_args(argv)
+    if _wants_help(options) or not positional:
+        print(BUNDLE_USAGE)
+        return 0
+    action, *rest = positional
+    if action != "pack":
+        raise OverrideError(f"medad bundle takes the action pack, not {action!r}.")
+    if len(rest) != 2:
+        raise OverrideError("medad bundle pack needs BUNDLE and OUT_DIR, e.g. medad bundle pack bundles/fair /tmp/fair.")
+    data = options.pop("data", None)
+    if options:
+        raise OverrideError(f"medad bundle pack takes only --data, not --{next(iter(options))}.")
+    from medad import bundle
+
+    out = bundle.pack(rest[0], rest[1], data=data)
+    bundle.verify_metadata(out)
+    print(f"packed {rest[0]} -> {out}")
+    return 0
 
 
 COHORT_USAGE = """usage: medad cohort summarize [LABEL=]FOLDER [[LABEL=]FOLDER ...] [--output PREFIX]
@@ -305,6 +373,7 @@ _HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "preprocess": _preprocess,
     "verify_metadata": _verify_metadata,
     "export": _export,
+    "bundle": _bundle,
     "cohort": _cohort,
 }
 

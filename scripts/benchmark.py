@@ -38,10 +38,10 @@ CPU_SETTINGS: dict[str, dict[str, object]] = {
 }
 
 #: The baselines, run beside the methods (bundles/zscore, bundles/intensity): nothing is trained for a time budget,
-#: so they take no ``max_minutes``; the extra config selects the data domain of the benchmark.
+#: so they take no ``max_minutes``; ``data`` selects the data domain of the benchmark (configs/data/<data>.json).
 BASELINES: dict[str, dict[str, object]] = {
     # per-pixel Gaussian of the normal training images at the real-data working size (256 px), |z|, max over RGB
-    "zscore": {"extra_configs": "industrial.json"},
+    "zscore": {"data": "industrial"},
 }
 
 PAPER = {
@@ -63,8 +63,10 @@ def forward_seconds(method: str, overrides: dict[str, object], batch_size: int) 
     import torch
     from monai.bundle import ConfigParser
 
+    from medad import bundle
+
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / method / "configs" / "train.json"))
+    parser.read_config(bundle.config_files(REPO / "bundles" / method, data=overrides.get("data")))
     for key, value in overrides.items():
         parser[key] = value
     parser["dataset_dir"] = "placeholder"  # only to resolve `quick` like the run did; nothing is read
@@ -171,12 +173,12 @@ def _timed_inference(method: str, ckpt: Path, data: Path, out: Path, repeats: in
 
     from medad import bundle
 
-    config = str(REPO / "bundles" / method / "configs" / "inference.json")
+    config = bundle.config_files(REPO / "bundles" / method, "inference")
     parser = ConfigParser()
     parser.read_config(config)
     parser.update({"bundle_root": str(REPO / "bundles" / method), "device": "$torch.device('cpu')",
                    "ckpt_path": str(ckpt), "input_dir": str(data), "output_dir": str(out), "evaluator#progress": False,
-                   **bundle._stored_settings([config], {"ckpt_path": str(REPO / "bundles" / method / "models" / "model.pt")})})
+                   **bundle._stored_settings(config, {"ckpt_path": str(REPO / "bundles" / method / "models" / "model.pt")})})
     evaluator = parser.get_parsed_content("evaluator")
     evaluator.load()
     times, cases = [], {}

@@ -122,7 +122,7 @@ def industrial_data(args: argparse.Namespace) -> dict[str, str]:
     bottle = Path(args.data_root) / "mvtec_ad" / "bottle"
     if not args.toy and bottle.is_dir():
         return {"dataset_dir": str(bottle), "label": "MVTec AD bottle"}
-    return {"loaders#demo_kwargs": TOY_DEMO, "label": "demo images (toy)"} if args.toy else {"label": "demo images"}
+    return {"demo_kwargs": TOY_DEMO, "label": "demo images (toy)"} if args.toy else {"label": "demo images"}
 
 
 # -- one bundle ---------------------------------------------------------------------------------------
@@ -204,12 +204,12 @@ def fair_speed(run_dir: Path, device: str, use_compile: bool, repeats: int) -> l
     from medad import bundle
     from medad.engine.amp import autocast
 
-    config = str(REPO / "bundles" / "fair" / "configs" / "inference.json")
+    config = bundle.config_files(REPO / "bundles" / "fair", "inference")
     parser = ConfigParser()
     parser.read_config(config)
     ckpt = str(run_dir / "models" / "model.pt")
     parser.update({"bundle_root": str(REPO / "bundles" / "fair"), "run_dir": str(run_dir), "ckpt_path": ckpt,
-                   **bundle._stored_settings([config], {"run_dir": str(run_dir), "ckpt_path": ckpt})})
+                   **bundle._stored_settings(config, {"run_dir": str(run_dir), "ckpt_path": ckpt})})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
     network = network.to(device).eval()

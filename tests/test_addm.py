@@ -204,7 +204,7 @@ def test_verify_metadata():
 
 def test_bundle_trains_and_evaluates_on_the_demo_mri(tmp_path: Path):
     bundle.run(ADDM, run_dir=str(tmp_path), **TINY_NETWORKS,
-               **{"loaders#demo_kwargs": {"num_train": 3, "num_test": 1, "spacing_mm": 8.0}, "evaluator#num_overlays": 1})
+               **{"demo_kwargs": {"num_train": 3, "num_test": 1, "spacing_mm": 8.0}, "evaluator#num_overlays": 1})
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     for key in ("dice", "iou", "precision", "recall", "pixel_auroc", "best_dice"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -217,9 +217,9 @@ def test_bundle_trains_and_evaluates_on_the_demo_mri(tmp_path: Path):
 
 
 def test_bundle_runs_on_2d_images_by_configuration(tmp_path: Path):
-    bundle.run(ADDM, run_dir=str(tmp_path), extra_configs=[str(ADDM / "configs" / "industrial.json")],
+    bundle.run(ADDM, run_dir=str(tmp_path), data="industrial",
                **TINY_NETWORKS, image_size=16, batch_size=4,
-               **{"loaders#demo_kwargs": {"num_train": 6, "num_test_good": 2, "num_test_defect": 2, "image_size": 16},
+               **{"demo_kwargs": {"num_train": 6, "num_test_good": 2, "num_test_defect": 2, "image_size": 16},
                   "evaluator#num_overlays": 1, "evaluator#write_maps": False})
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 4 and 0.0 <= metrics["image_auroc"] <= 1.0

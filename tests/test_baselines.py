@@ -100,7 +100,7 @@ def test_intensity_map_is_the_brain_zscore_of_bright_voxels():
 
 
 def test_zscore_bundle_on_the_industrial_demo(tmp_path: Path):
-    bundle.run(REPO / "bundles" / "zscore", extra_configs=[str(REPO / "bundles" / "zscore" / "configs" / "industrial.json")],
+    bundle.run(REPO / "bundles" / "zscore", data="industrial",
                run_dir=str(tmp_path), image_size=32)
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert result["num_cases"] == 30 and result["pixel_auroc"] > 0.9  # measured 0.99 at 64 px

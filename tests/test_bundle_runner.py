@@ -33,8 +33,9 @@ def _run(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory) -> Path:
     """Train + evaluate with plain MONAI, from the repository root, without passing bundle_root."""
     run_dir = tmp_path_factory.mktemp("ddpm_partial_run")
-    _run(["-m", "monai.bundle", "run", "--config_file", "bundles/ddpm_partial/configs/train.json",
-          "--run_dir", str(run_dir), *TINY])
+    files = [str(Path(f).relative_to(REPO)) for f in bundle.config_files(REPO / "bundles" / "ddpm_partial")]
+    assert files[0] == "configs/base.json" and files[-1] == "bundles/ddpm_partial/configs/train.json"
+    _run(["-m", "monai.bundle", "run", "--config_file", str(files), "--run_dir", str(run_dir), *TINY])
     return run_dir
 
 
@@ -72,16 +73,19 @@ def test_verify_metadata_offline(name: str):
 @pytest.mark.parametrize("name", BUNDLES)
 def test_every_bundle_has_the_standard_files(name: str):
     configs = REPO / "bundles" / name / "configs"
-    for f in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "metadata.json", "logging.conf"):
+    for f in ("train.json", "metadata.json"):
         assert (configs / f).is_file(), f"{name} lacks {f}"
     assert (REPO / "bundles" / name / "docs" / "README.md").is_file()
+    for workflow in bundle.WORKFLOWS:  # the shared files complete every workflow
+        assert all(Path(f).is_file() for f in bundle.config_files(REPO / "bundles" / name, workflow))
+    assert Path(bundle.logging_file(REPO / "bundles" / name)).is_file()
 
 
 def test_ckpt_export_gives_the_same_network(trained: Path, tmp_path: Path):
     target = tmp_path / "model.ts"
     _run(["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(target),
           "--ckpt_file", str(trained / "models" / "model.pt"), "--key_in_ckpt", "network",
-          "--config_file", "bundles/ddpm_partial/configs/inference.json",
+          "--config_file", str(bundle.config_files(REPO / "bundles" / "ddpm_partial", "inference")),
           "--meta_file", "bundles/ddpm_partial/configs/metadata.json", "--bundle_root", "bundles/ddpm_partial"])
     from medad.engine.export import quiet_torchscript
 
@@ -90,7 +94,7 @@ def test_ckpt_export_gives_the_same_network(trained: Path, tmp_path: Path):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / "ddpm_partial" / "configs" / "inference.json"))
+    parser.read_config(bundle.config_files(REPO / "bundles" / "ddpm_partial", "inference"))
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=False)["network"])
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([0, 5])

@@ -32,7 +32,7 @@ DEMO = {"num_train": 10, "num_test_good": 3, "num_test_defect": 4, "image_size":
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("calibration_run")
-    bundle.run(BUNDLE, "train", run_dir=str(run_dir), max_steps=2, **TINY, **{"loaders#demo_kwargs": DEMO},
+    bundle.run(BUNDLE, "train", run_dir=str(run_dir), max_steps=2, **TINY, **{"demo_kwargs": DEMO},
                **{"evaluator#progress": False, "trainer#progress": False, "evaluator#num_overlays": 1})
     return run_dir
 

@@ -52,9 +52,9 @@ def test_help_imports_nothing_heavy():
 def test_top_level_help_lists_every_subcommand(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("run", "preprocess", "verify_metadata", "export", "cohort"):
+    for command in ("run", "preprocess", "verify_metadata", "export", "bundle", "cohort"):
         assert f"\n  {command} " in out
-    assert set(cli.COMMANDS) == {"run", "preprocess", "verify_metadata", "export", "cohort"}
+    assert set(cli.COMMANDS) == {"run", "preprocess", "verify_metadata", "export", "bundle", "cohort"}
 
 
 @pytest.mark.parametrize("name", BUNDLES)

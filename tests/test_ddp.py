@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from medad import bundle
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "ddpm_partial" / "configs"
 
@@ -75,11 +77,11 @@ def test_torchrun_two_gloo_processes(tmp_path: Path):
     }
     command = [
         "torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "monai.bundle", "run",
-        "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+        "--config_file", str(bundle.config_files(CONFIGS.parent, "multi_gpu_train")),
         "--run_dir", str(run_dir), "--image_size", "16", "--max_steps", "3", "--batch_size", "2",
         "--restoration_steps", "2", "--network_def#channels", "$(8, 16, 16)",
         "--network_def#attention_levels", "$(False, False, False)", "--network_def#num_head_channels", "8",
-        "--loaders#demo_kwargs", "{'num_train': 10, 'num_test_good': 3, 'num_test_defect': 4, 'image_size': 16}",
+        "--demo_kwargs", "{'num_train': 10, 'num_test_good': 3, 'num_test_defect': 4, 'image_size': 16}",
         "--evaluator#num_overlays", "1",
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, errors="replace", timeout=600)

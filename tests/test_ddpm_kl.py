@@ -12,7 +12,7 @@ import torch
 
 from medad import bundle
 from medad.diffusion import make_diffusion
-from medad.inferers import CountingNetwork, KLScoringInferer, SliceAggregationInferer, feature_distance_map, from_model_range
+from medad.inferers import CountingNetwork, KLScoringInferer, feature_distance_map, from_model_range
 from medad.networks import AnomalyUNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,31 +184,10 @@ def test_bundle_trains_and_evaluates_on_the_demo(tmp_path: Path):
     assert len(rows) == 1 + len(list(folder.glob("*.png")))
 
 
-MRI_SLICES = {
-    "channels": 1,
-    "demo_dir": "$os.path.join(@run_dir, 'data', 'demo_mri')",
-    "loaders": {
-        "_target_": "medad.engine.volume_loaders",
-        "dataset_dir": "@dataset_dir",
-        "slices_per_volume": 2,
-        "size_divisor": 4,
-        "batch_size": 2,
-        "demo_dir": "@demo_dir",
-        "demo_kwargs": {"num_train": 3, "num_test": 1, "spacing_mm": 8.0},
-        "seed": "@seed",
-    },
-    "slice_inferer": {"_target_": "medad.inferers.SliceAggregationInferer", "inferer": "@inferer", "size_divisor": 4},
-    "evaluator#inferer": "@slice_inferer",
-    "monitor#inferer": "@slice_inferer",
-    "evaluator#region_key": "brain_mask",
-}
-
-
 def test_bundle_runs_on_mri_slices_by_configuration_only(tmp_path: Path):
-    overlay = tmp_path / "mri_slices.json"
-    overlay.write_text(json.dumps(MRI_SLICES))
-    run_dir = tmp_path / "run"
-    bundle.run(BUNDLE, "train", extra_configs=[str(overlay)], run_dir=str(run_dir), max_steps=2, noise_scales=[20])
+    run_dir = tmp_path / "run"  # configs/data/mri.json: the same MRI data path as every bundle's
+    bundle.run(BUNDLE, "train", data="mri", run_dir=str(run_dir), max_steps=2, noise_scales=[20], slices_per_volume=2,
+               batch_size=2, demo_kwargs={"num_train": 3, "num_test": 1, "spacing_mm": 8.0})
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 1 and 0.0 <= metrics["pixel_auroc"] <= 1.0
     maps = list((run_dir / "eval" / "maps").rglob("*.nii.gz"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medad import bundle
 from medad.corruptions import ForeignPatchCorruption
 from medad.diffusion import make_diffusion
 from medad.inferers import AnomalyInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer, SyntheticRestorationInferer
@@ -209,11 +210,11 @@ def test_volume_in_volume_out_with_the_same_grid_and_zero_background(demo_mri: P
 def _run_bundle(config_files: list[Path], **override) -> None:
     from monai.bundle import run
 
-    run(config_file=[str(f) for f in config_files], logging_file=str(CONFIGS / "logging.conf"), **override)
+    run(config_file=[str(f) for f in config_files], logging_file=bundle.logging_file(CONFIGS.parent), **override)
 
 
 def test_bundle_on_real_folders_writes_brain_metrics_and_volumes(demo_mri: Path, tmp_path: Path):
-    _run_bundle([CONFIGS / "train.json"], run_dir=str(tmp_path), dataset_dir=str(demo_mri / "train"),
+    _run_bundle(bundle.config_files(CONFIGS.parent), run_dir=str(tmp_path), dataset_dir=str(demo_mri / "train"),
                 test_dir=str(demo_mri / "test"), test_mask_dir=str(demo_mri / "test_masks"),
                 brain_mask_dir=str(demo_mri / "brain_masks"), quick=True, intensity=None, **TINY_NET)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
@@ -227,7 +228,7 @@ def test_bundle_on_real_folders_writes_brain_metrics_and_volumes(demo_mri: Path,
 
 
 def test_bundle_runs_on_2d_industrial_images_by_configuration_only(tmp_path: Path):
-    _run_bundle([CONFIGS / "train.json", CONFIGS / "industrial.json"], run_dir=str(tmp_path), image_size=16, **TINY_NET)
+    _run_bundle(bundle.config_files(CONFIGS.parent, data="industrial"), run_dir=str(tmp_path), image_size=16, **TINY_NET)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 30 and 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["image_auroc"] <= 1
     assert metrics["network_evaluations_per_image"] == 1

@@ -40,7 +40,7 @@ def _parser(name: str, **override: Any):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / name / "configs" / "inference.json"))
+    parser.read_config(bundle.config_files(REPO / "bundles" / name, "inference"))
     parser.update({"bundle_root": str(REPO / "bundles" / name), "device": "$torch.device('cpu')",
                    "evaluator#progress": False, **TINY[name], **override})
     return parser

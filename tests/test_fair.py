@@ -192,7 +192,7 @@ def test_bundle_trains_and_evaluates_on_the_demo(tmp_path: Path):
 
 
 def test_bundle_runs_on_mri_slices_by_config_only(tmp_path: Path):
-    bundle.run(FAIR, extra_configs=[str(FAIR / "configs" / "mri.json")], run_dir=str(tmp_path), max_steps=2,
+    bundle.run(FAIR, data="mri", run_dir=str(tmp_path), max_steps=2,
                slices_per_volume=2, demo_kwargs={"num_train": 3, "num_test": 2})
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 2 and 0.0 <= metrics["pixel_auroc"] <= 1.0

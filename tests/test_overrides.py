@@ -48,8 +48,8 @@ def test_a_boolean_rejects_other_words():
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(OverrideError, match="unknown key --max_stepz .*did you mean --max_steps"):
         check_overrides(FAIR_TRAIN, {"max_stepz": "10"})
-    with pytest.raises(OverrideError, match="did you mean --loaders#batch_size"):
-        check_overrides(FAIR_TRAIN, {"loaders#batch_sise": "3"})
+    with pytest.raises(OverrideError, match="did you mean --image_loaders#batch_size"):
+        check_overrides(FAIR_TRAIN, {"image_loaders#batch_sise": "3"})
     with pytest.raises(OverrideError, match="see --help"):
         check_overrides(FAIR_TRAIN, {"zzzzzz": "3"})
 
@@ -57,17 +57,17 @@ def test_unknown_key_suggests_the_closest():
 def test_types_are_checked_against_the_defaults():
     typed = check_overrides(FAIR_TRAIN, {
         "max_steps": "10", "learning_rate": "1e-3", "widths": "[8, 16]", "seed": "3", "cutoff": "20.5",
-        "dataset_dir": "/data/x", "category": "01", "loaders#batch_size": "2", "max_minutes": "0.5",
+        "dataset_dir": "/data/x", "category": "01", "image_loaders#batch_size": "2", "max_minutes": "0.5",
     })
     assert typed == {"max_steps": 10, "learning_rate": 1e-3, "widths": [8, 16], "seed": 3, "cutoff": 20.5,
-                     "dataset_dir": "/data/x", "category": "01", "loaders#batch_size": 2, "max_minutes": 0.5}
+                     "dataset_dir": "/data/x", "category": "01", "image_loaders#batch_size": 2, "max_minutes": 0.5}
     for key, text, message in [
         ("max_steps", "1.5", "takes an integer"),  # an expression default with a declared type
         ("seed", "x", "takes an integer"),
         ("channels", "3.0", "takes an integer"),
         ("learning_rate", "fast", "takes a number"),
         ("widths", "8", "takes a list"),
-        ("loaders", "x", "is a config section"),
+        ("image_loaders", "x", "is a config section"),
         ("widths", "[1, 2", "not a valid list"),
     ]:
         with pytest.raises(OverrideError, match=message):

@@ -36,7 +36,7 @@ DEMO = {"num_train": 10, "num_test_good": 3, "num_test_defect": 4, "image_size":
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run_folder") / "run"
     bundle.run(BUNDLE, "train", run_dir=str(run_dir), image_size=16, batch_size=4, restoration_steps=2, max_steps=2,
-               **NETWORK, **QUIET, **{"loaders#demo_kwargs": DEMO, "trainer#progress": False})
+               **NETWORK, **QUIET, **{"demo_kwargs": DEMO, "trainer#progress": False})
     return run_dir
 
 

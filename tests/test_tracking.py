@@ -13,7 +13,7 @@ from medad.overrides import OverrideError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"image_size": 16, "max_steps": 4, "batch_size": 4, "monitor_every": 2,
-        "loaders#demo_kwargs": {"num_train": 10, "num_test_good": 3, "num_test_defect": 4, "image_size": 16}}
+        "demo_kwargs": {"num_train": 10, "num_test_good": 3, "num_test_defect": 4, "image_size": 16}}
 
 
 def test_tracking_options_are_checked_without_mlflow():
@@ -59,7 +59,7 @@ def test_stock_monai_tracking_option_logs_the_evaluation(tmp_path: Path, monkeyp
 
     monkeypatch.chdir(REPO)
     run_dir = tmp_path / "stock"
-    monai_run(config_file="bundles/fair/configs/train.json", run_dir=str(run_dir), tracking="mlflow",
+    monai_run(config_file=bundle.config_files(REPO / "bundles" / "fair"), run_dir=str(run_dir), tracking="mlflow",
               **{k: v for k, v in TINY.items() if k != "monitor_every"}, monitor_every=0)
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'eval' / 'mlruns.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])

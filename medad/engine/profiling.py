@@ -55,8 +55,10 @@ class _Recorder(torch.nn.Module):
 def _train_parser(bundle_dir: Path, run_dir: Path, overrides: Mapping[str, Any]):
     from monai.bundle import ConfigParser
 
+    from medad.bundle import config_files
+
     parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "train.json"))
+    parser.read_config(config_files(bundle_dir, data=overrides.get("data")))
     parser.update({
         "bundle_root": str(bundle_dir), "run_dir": str(run_dir), "tracker": None,
         "trainer#monitor": None, "trainer#checkpoint_path": None, "trainer#model_path": None,

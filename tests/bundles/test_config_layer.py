@@ -1,0 +1,152 @@
+"""The one configuration layer (issue #9): shared ``configs/`` merged by every bundle, measured against the
+acceptance rules, the same demo metrics as the per-bundle configs gave, and ``medad bundle pack``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from medad import bundle
+from medad.data import make_demo_mvtec
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLES = sorted(p.parent.parent.name for p in (REPO / "bundles").glob("*/configs/train.json"))
+SMALL_MRI = {"demo_kwargs": {"num_train": 3, "num_test": 1, "spacing_mm": 8.0}}
+ADDM_NET = {"network_def#channels": [8, 16], "network_def#attention_levels": [False, False],
+            "network_def#num_head_channels": 8, "discriminator_def#channels": 8, "discriminator_def#num_layers_d": 2,
+            "max_steps": 2, "noise_level": 3, "restoration_steps": 2}
+#: case -> (bundle, data, overrides): tiny demo runs, seed 0
+CASES = {
+    "fair": ("fair", None, {"max_steps": 3, "image_size": 32}),
+    "fair_mri": ("fair", "mri", {"max_steps": 2, **SMALL_MRI}),
+    "ddpm_partial": ("ddpm_partial", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "restoration_steps": 2}),
+    "ddpm_kl": ("ddpm_kl", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "noise_scales": [20]}),
+    "disyre": ("disyre", None, {"max_steps": 2, "restoration_steps": 1, "slices_per_volume": 2, **SMALL_MRI}),
+    "disyre_ind": ("disyre", "industrial", {"image_size": 16, "widths": [8, 16], "max_steps": 2, "restoration_steps": 1,
+                                            "batch_size": 2}),
+    "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI}),
+    "addm_ind": ("addm", "industrial", {**ADDM_NET, "image_size": 32}),
+    "zscore": ("zscore", None, SMALL_MRI),
+    "zscore_ind": ("zscore", "industrial", {"image_size": 32}),
+    "intensity": ("intensity", None, SMALL_MRI),
+}
+#: the metrics of the same runs with the per-bundle configs of commit 92a452e (one thread), before the shared layer
+BEFORE = {
+    "fair": {"image_auroc": 0.925, "pixel_auroc": 0.6110710086799012, "pixel_ap": 0.30380381249060784, "best_dice": 0.36471990464839094, "calibration.pixel_threshold": 0.845566987991333, "calibration.image_threshold": 0.9058325290679933},
+    "fair_mri": {"pixel_auroc": 0.5958822810033884, "pixel_ap": 0.011995166093456619, "best_dice": 0.02663115845539281, "calibration.pixel_threshold": 0.8601674437522888, "calibration.image_threshold": 0.8840335607528688},
+    "ddpm_partial": {"image_auroc": 0.615, "pixel_auroc": 0.6390575346028495, "pixel_ap": 0.04864719756923643, "best_dice": 0.10062893081761007, "calibration.pixel_threshold": 0.0004097192722838372, "calibration.image_threshold": 0.0007171831675805153},
+    "ddpm_kl": {"image_auroc": 0.725, "pixel_auroc": 0.8213375885333557, "pixel_ap": 0.09918767949491349, "best_dice": 0.16756756756756758, "calibration.pixel_threshold": 4.276389122009277, "calibration.image_threshold": 2.0375435352325444},
+    "disyre": {"pixel_auroc": 0.834838032069866, "pixel_ap": 0.06651732403806995, "best_dice": 0.18181818181818182, "calibration.pixel_threshold": 0.0013721338473260403, "calibration.image_threshold": 0.001387865864671767},
+    "disyre_ind": {"image_auroc": 0.32, "pixel_auroc": 0.5917608779871966, "pixel_ap": 0.029775296021478916, "best_dice": 0.056133056133056136, "calibration.pixel_threshold": 0.0015718439826741815, "calibration.image_threshold": 0.0010270909406244757},
+    "addm": {"pixel_auroc": 0.48583544950326957, "pixel_ap": 0.00931412095175667, "best_dice": 0.02073578595317726, "calibration.pixel_threshold": 0.0011629073414951563, "calibration.image_threshold": 0.0029095106292515997},
+    "addm_ind": {"image_auroc": 0.73, "pixel_auroc": 0.5672191689121153, "pixel_ap": 0.030442711643271968, "best_dice": 0.06437534097108565, "calibration.pixel_threshold": 0.0018430311465635896, "calibration.image_threshold": 0.006951213814318181},
+    "zscore": {"pixel_auroc": 0.7461675143336044, "pixel_ap": 0.021801698024139195, "best_dice": 0.05366726296958855, "calibration.pixel_threshold": 33.31114959716797, "calibration.image_threshold": 39.61834716796876},
+    "zscore_ind": {"image_auroc": 0.915, "pixel_auroc": 0.964721995645986, "pixel_ap": 0.7116165183072454, "best_dice": 0.6405867970660146, "calibration.pixel_threshold": 2.69044828414917, "calibration.image_threshold": 2.689964294433594},
+    "intensity": {"pixel_auroc": 0.9893100446733665, "pixel_ap": 0.802624313626722, "best_dice": 0.8125, "calibration.pixel_threshold": 1.8039919137954712, "calibration.image_threshold": 1.850801467895508}
+}
+
+
+def _flat(metrics: dict) -> dict:
+    return {**metrics, **{f"calibration.{k}": v for k, v in metrics.get("calibration", {}).items()}}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_demo_metrics_equal_those_before_the_shared_configs(case: str, tmp_path: Path):
+    name, data, overrides = CASES[case]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as recorded
+    try:
+        bundle.run(REPO / "bundles" / name, "train", data=data, run_dir=str(tmp_path), seed=0,
+                   **{"evaluator#num_overlays": 0}, **overrides)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = _flat(json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8")))
+    for key, value in BEFORE[case].items():
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _bundle_files() -> list[Path]:
+    return [p for p in sorted((REPO / "bundles").glob("*/configs/*.json")) if p.name != "metadata.json"]
+
+
+def test_no_bundle_file_defines_the_network_trainer_or_evaluator():
+    for path in _bundle_files():
+        content = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("network_def", "trainer", "evaluator", "monitor", "run_folder", "optimizer#params"):
+            assert key not in content, f"{path} defines {key}"
+
+
+def test_few_top_level_entries_repeat_across_bundle_files():
+    """Issue #9 measured 397 of 476 top-level entries repeated word for word; the shared layer leaves < 10 % of the
+    distinct entries (and < 15 % of all occurrences) repeated."""
+    where = defaultdict(set)
+    occurrences = 0
+    for path in _bundle_files():
+        for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+            where[(key, json.dumps(value, sort_keys=True))].add(path)
+            occurrences += 1
+    repeated = [entry for entry, paths in where.items() if len(paths) > 1]
+    assert len(repeated) / len(where) <= 0.10, repeated
+    assert sum(len(where[e]) for e in repeated) / occurrences <= 0.15, repeated
+
+
+def test_no_block_of_six_lines_repeats_across_bundles_and_configs():
+    trivial = {"{", "}", "},", "[", "]", "],", ""}
+    seen: dict[tuple[str, ...], tuple[Path, int]] = {}
+    files = _bundle_files() + sorted((REPO / "configs").rglob("*.json"))
+    for path in files:
+        lines = [(i + 1, line.strip()) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines())]
+        lines = [(i, line) for i, line in lines if line not in trivial]
+        for start in range(len(lines) - 5):
+            block = tuple(line for _, line in lines[start:start + 6])
+            first = seen.setdefault(block, (path, lines[start][0]))
+            assert first == (path, lines[start][0]), f"{path}:{lines[start][0]} repeats {first[0]}:{first[1]}"
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_every_workflow_merges_and_resolves_its_run_entries(name: str):
+    for workflow in bundle.WORKFLOWS:
+        parser = bundle.parser(REPO / "bundles" / name, workflow, run_dir="/tmp/unused")
+        for key in ("network_def", "evaluator", "run", "initialize"):
+            assert key in parser.get(), (workflow, key)
+        assert "parent_configs" in parser.get()
+
+
+def test_print_command_is_the_stock_monai_command():
+    result = subprocess.run([sys.executable, "-m", "medad", "run", "--config", "bundles/disyre", "--print_command"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("python -m monai.bundle run --config_file \"['configs/base.json','configs/data/mri.json'")
+
+
+def test_pack_writes_a_bundle_that_stock_monai_runs_from_elsewhere(tmp_path: Path):
+    packed = bundle.pack(REPO / "bundles" / "fair", tmp_path / "fair_bundle")
+    bundle.verify_metadata(packed)
+    metadata = json.loads((packed / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    assert {"models/model.pt", "configs/inference.json", "docs/README.md"} <= set(metadata["files_sha256"])
+    with pytest.raises(FileExistsError):
+        bundle.pack(REPO / "bundles" / "fair", packed)
+    demo = make_demo_mvtec(tmp_path / "demo", num_train=1, num_test_good=1, num_test_defect=1, image_size=32)
+    images = demo / "test" / "good"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    stock = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(packed / "configs" / "inference.json"),
+             "--meta_file", str(packed / "configs" / "metadata.json"), "--logging_file",
+             str(packed / "configs" / "logging.conf"), "--input_dir", str(images), "--output_dir", str(elsewhere / "out")]
+    result = subprocess.run(stock, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    bundle.run(REPO / "bundles" / "fair", "inference", input_dir=str(images), output_dir=str(tmp_path / "medad_out"))
+    def scores(folder: Path) -> list[dict[str, str]]:
+        with open(folder / "cases.csv", encoding="utf-8", newline="") as handle:
+            return [{k: v for k, v in row.items() if "score" in k} for row in csv.DictReader(handle)]
+
+    assert scores(elsewhere / "out") and scores(elsewhere / "out") == scores(tmp_path / "medad_out")  # same model
