@@ -301,12 +301,13 @@ def _bundle(argv: list[str]) -> int:
 
 
 COHORT_USAGE = """usage: medad cohort summarize [LABEL=]FOLDER [[LABEL=]FOLDER ...] [--output PREFIX]
-                              [--resamples N] [--level 0.95] [--seed 0]
+                              [--resamples N] [--level 0.95] [--seed 0] [--no-baselines]
 
 Merge evaluations into one table (Markdown on stdout; PREFIX.csv and PREFIX.md with --output). FOLDER is an
 evaluation folder (metrics.json + cases.parquet/csv: <run_dir>/eval, or an --output_dir) or a run folder (its eval/).
 Rows: method, cases, image AUROC, the pooled pixel metrics, and the per-case AP / best Dice / Dice at the calibrated
-threshold as mean [95 % percentile-bootstrap interval over cases].
+threshold as mean [95 % percentile-bootstrap interval over cases]. Each evaluation's baselines (measured on its
+own test cases, metrics.json "baselines") follow its row as rows "LABEL [zscore baseline]"; --no-baselines drops them.
 
 usage: medad cohort merge-shards OUT_DIR
 
@@ -326,6 +327,7 @@ def _cohort(argv: list[str]) -> int:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false")
     parser.add_argument("-h", "--help", action="store_true")
     args, unknown = parser.parse_known_args(argv)
     if args.help or args.action is None:
@@ -354,7 +356,8 @@ def _cohort(argv: list[str]) -> int:
         folders.append((label, folder) if sep else (None, text))
     from medad.engine.cohort import summarize, to_markdown
 
-    table = summarize(folders, n_resamples=args.resamples, level=args.level, seed=args.seed)
+    table = summarize(folders, n_resamples=args.resamples, level=args.level, seed=args.seed,
+                      baselines=args.baselines)
     markdown = to_markdown(table, level=args.level)
     print(markdown)
     if args.output:

@@ -117,6 +117,12 @@ def test_mri_baseline_bundles_on_a_small_demo(name: str, tmp_path_factory):
     result = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert result["num_cases"] == 2 and result["pixel_auroc"] > 0.6 and "dice" in result
     assert len(list((run_dir / "eval" / "maps").glob("*_anomaly_map.nii.gz"))) == 2
+    # beside it the other baseline (volumes), not itself
+    other = {"zscore": "intensity", "intensity": "zscore"}[name]
+    assert set(result["baselines"]) == {other} and f"the {name} bundle" in result["baselines_note"]
+    assert result["baselines"][other]["num_cases"] == 2 and result["baselines"][other]["pixel_auroc"] > 0.6
     # inference with the saved model and calibration on a folder of volumes
     bundle.run(REPO / "bundles" / name, workflow="inference", run_dir=str(run_dir), input_dir=str(demo / "test"))
     assert len(list((run_dir / "inference" / "maps").glob("*.seg.nrrd"))) == 2
+    report = (run_dir / "inference" / "report.html").read_text(encoding="utf-8")
+    assert "No baselines: they need held-out normal data" in report

@@ -82,3 +82,20 @@ def test_vectorised_auroc_resamples_equal_sklearn():
     slow = [roc_auc_score(np.r_[np.zeros(15), np.ones(25)], np.r_[normal[i], anomalous[j]])
             for i, j in zip(index_n, index_a)]
     assert (low, high) == pytest.approx(tuple(np.quantile(slow, [0.025, 0.975])))
+
+
+def test_summarize_adds_the_baselines_an_evaluation_measured(tmp_path: Path):
+    run = _evaluation(tmp_path / "fair_run", "fair", [0, 0, 1, 1], [np.nan, np.nan, 0.6, 0.6])
+    path = run / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    metrics["baselines"] = {"zscore": {"num_cases": 4, "image_auroc": 0.75, "pixel_auroc": 0.95, "aupro": 0.9,
+                                       "pixel_ap": 0.6, "best_dice": 0.5, "num_normal_images": 6}}
+    path.write_text(json.dumps(metrics), encoding="utf-8")
+    table = summarize([run], n_resamples=100)
+    assert table["label"].tolist() == ["fair_run/eval", "fair_run/eval [zscore baseline]"]
+    baseline = table.iloc[1]
+    assert baseline["method"] == "zscore baseline" and baseline["num_cases"] == 4
+    assert baseline["image_auroc"] == 0.75 and baseline["pixel_ap"] == 0.6 and np.isnan(baseline["case_ap"])
+    assert len(summarize([run], n_resamples=100, baselines=False)) == 1
+    assert main(["cohort", "summarize", str(run), "--no-baselines", "--output", str(tmp_path / "t")]) == 0
+    assert pd.read_csv(tmp_path / "t.csv").shape[0] == 1

@@ -222,3 +222,185 @@ def test_report_html_is_self_contained_and_shows_the_numbers_of_metrics_json(tmp
     assert shown["pixel_auroc"] == f"{result['pixel_auroc']:.3f}"
     cases = pd.read_csv(out / "cases.csv")
     assert page.rows >= len(cases) + 1 + len(shown)  # the case table below the metrics
+
+
+# -- baselines beside the method (issue #10) ---------------------------------------------------------------------
+def _with_normals(root: Path, count: int = 5) -> DataLoader:
+    """``count`` held-out normal pictures like the test's good ones (train/good), as the calibration loader."""
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        _png(root / "train" / "good" / f"{i:03d}.png", (rng.random((16, 16)) * 60).astype(np.uint8))
+    return DataLoader(Dataset(mvtec_datalist(root, split="train"), image_transforms(8, channels=1)), batch_size=2)
+
+
+def _report_cells(path: Path) -> tuple[dict[str, str], str]:
+    """The report's cells by ``data-key`` and its whole text."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells, self.parts, self._key = {}, [], None
+
+        def handle_starttag(self, tag, attrs):
+            self._key = dict(attrs).get("data-key") if tag == "td" else None
+
+        def handle_data(self, data):
+            self.parts.append(data)
+            if self._key:
+                self.cells[self._key] = data
+                self._key = None
+
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page.cells, " ".join(page.parts)
+
+
+def test_the_zscore_baseline_equals_a_direct_computation_and_the_report_shows_it(tmp_path: Path):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from medad import metrics
+    from medad.io.report import _number
+    from medad.methods.baselines import PixelGaussian
+
+    root = _mvtec(tmp_path / "widget")
+    calibration = _with_normals(root)
+    out = tmp_path / "eval"
+    result = _evaluator(root, out, calibration_loader=calibration, num_overlays=0).run()
+    stored = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    zscore = stored["baselines"]["zscore"]
+    assert zscore["num_normal_images"] == 5 and zscore["num_cases"] == result["num_cases"] == 7
+    assert zscore == pytest.approx(result["baselines"]["zscore"])
+
+    # by hand: a per-pixel Gaussian of the 5 normal pictures, |z| of every test picture, the mean of its 64 largest
+    gaussian = PixelGaussian(std_floor=0.01)
+    for batch in calibration:
+        gaussian.update(batch["image"].as_tensor())
+    mean, std = gaussian.mean().float(), torch.sqrt(gaussian.variance() + 0.01 ** 2).float()
+    maps, masks, scores, labels = [], [], [], []
+    for batch in DataLoader(Dataset(mvtec_datalist(root, split="test"), image_transforms(8, channels=1)), batch_size=2):
+        z = ((batch["image"].as_tensor() - mean) / std).abs().amax(dim=1)
+        maps += list(z.numpy())
+        masks += list(batch["mask"][:, 0].numpy() > 0.5)
+        scores += z.flatten(1).topk(64, dim=1).values.mean(dim=1).tolist()
+        labels += batch["label"].tolist()
+    pixels, truth = np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks])
+    direct = {"image_auroc": roc_auc_score(labels, scores), "pixel_auroc": roc_auc_score(truth, pixels),
+              "pixel_ap": average_precision_score(truth, pixels), "aupro": metrics.aupro(maps, masks, fpr_limit=0.3),
+              "best_dice": metrics.best_dice(maps, masks)[0]}
+    for key, value in direct.items():
+        assert np.isfinite(zscore[key]) and zscore[key] == pytest.approx(value, abs=1e-6), key
+    assert "intensity" not in zscore and set(stored["baselines"]) == {"zscore"}  # pictures: no intensity baseline
+
+    # the report: a column per baseline with the numbers of metrics.json, and how they were fitted
+    cells, text = _report_cells(out / "report.html")
+    for key in ("num_cases", *direct):
+        assert cells[f"baselines.zscore.{key}"] == _number(zscore[key]), key
+        assert cells[key] == _number(result[key]), key
+    assert "z-score baseline" in text and "fitted on the 5 held-out normal images" in text
+    assert "same 7 test cases" in text
+
+    # the method's own numbers and tables do not change with the baselines
+    plain = _evaluator(root, tmp_path / "plain", calibration_loader=calibration, num_overlays=0, baselines=None).run()
+    assert "baselines" not in plain and "baselines_note" not in plain
+    assert _without_timing({k: v for k, v in result.items() if k != "baselines"}) == _without_timing(plain)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "cases.csv").drop(columns="runtime_s"),
+                                  pd.read_csv(tmp_path / "plain" / "cases.csv").drop(columns="runtime_s"))
+
+
+def test_without_normal_data_the_report_says_baselines_need_it(tmp_path: Path):
+    from medad.engine.comparison import NO_NORMAL_DATA
+
+    root = _mvtec(tmp_path / "widget")
+    result = _evaluator(root, tmp_path / "eval", num_overlays=0).run()  # no calibration loader: inference on a folder
+    assert "baselines" not in result and result["baselines_note"] == NO_NORMAL_DATA
+    cells, text = _report_cells(tmp_path / "eval" / "report.html")
+    assert "need held-out normal data" in text and not any(k.startswith("baselines.") for k in cells)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        _evaluator(root, tmp_path / "x", baselines=["zscroe"])
+    # a comparison that fails costs only itself: the method's metrics and report are written
+    broken = _evaluator(root, tmp_path / "broken", num_overlays=0, calibration_loader=[{"picture": None}]).run()
+    assert "measuring them failed (KeyError" in broken["baselines_note"]
+    assert _without_timing({k: v for k, v in broken.items() if k != "baselines_note"}) == _without_timing(
+        {k: v for k, v in result.items() if k != "baselines_note"})
+    assert (tmp_path / "broken" / "report.html").is_file()
+
+
+def test_a_baseline_bundle_is_not_compared_with_itself(tmp_path: Path):
+    root = _mvtec(tmp_path / "widget")
+    calibration = _with_normals(root)
+    result = _evaluator(root, tmp_path / "eval", calibration_loader=calibration, bundle="zscore", num_overlays=0).run()
+    assert "baselines" not in result and "zscore bundle" in result["baselines_note"]
+    both = _evaluator(root, tmp_path / "both", calibration_loader=calibration, bundle="intensity", num_overlays=0,
+                      baselines=["zscore", "intensity"]).run()
+    assert set(both["baselines"]) == {"zscore"} and "intensity bundle" in both["baselines_note"]
+
+
+def _noise_inferer(images: torch.Tensor, network) -> dict[str, torch.Tensor]:
+    """A method that sees nothing: uniform noise maps."""
+    return {"anomaly_map": torch.rand(images.shape[0], 1, *images.shape[2:]), "restoration": images.clone()}
+
+
+def test_oracle_a_bright_square_on_a_constant_background_gives_the_zscore_baseline_pixel_auroc_one(tmp_path: Path):
+    from medad.io.report import _number
+
+    background = 0.2
+    calibration = [{"image": torch.full((3, 1, 16, 16), background)} for _ in range(2)]  # 6 normal pictures
+    images, masks = torch.full((6, 1, 16, 16), background), torch.zeros(6, 1, 16, 16)
+    for i in range(3, 6):  # three anomalous pictures: a bright square each, at another place
+        masks[i, :, 2 * i - 4:2 * i + 1, 3:8] = 1
+    images[masks > 0] = 0.9
+    test = [{"image": images[s], "mask": masks[s], "label": torch.tensor([0, 0, 0, 1, 1, 1])[s],
+             "case_id": [f"case_{k}" for k in range(6)][s]} for s in (slice(0, 3), slice(3, 6))]
+    out = tmp_path / "eval"
+    evaluator = AnomalyEvaluator(torch.nn.Identity(), _noise_inferer, test, out, _max_score, progress=False,
+                                 num_overlays=0, save_maps="none", calibration_loader=calibration)
+    evaluator.calibration = dict(CALIBRATION)
+    result = evaluator.run()
+    zscore = result["baselines"]["zscore"]
+    assert zscore["num_normal_images"] == 6 and zscore["num_cases"] == 6
+    assert zscore["pixel_auroc"] == pytest.approx(1.0) and zscore["image_auroc"] == 1.0
+    assert zscore["pixel_ap"] == pytest.approx(1.0) and zscore["best_dice"] == pytest.approx(1.0)
+    assert result["pixel_auroc"] < 0.8  # the noise "method" loses, and the report says so in a sentence
+    _, text = _report_cells(out / "report.html")
+    assert (f"The z-score baseline is higher on pixel AUROC: {_number(zscore['pixel_auroc'])} vs "
+            f"{_number(result['pixel_auroc'])} for this run.") in text
+
+
+def test_volumes_get_the_intensity_baseline_too(tmp_path: Path):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    brain = torch.zeros(1, 1, 10, 10, 10, dtype=torch.bool)
+    brain[..., 2:8, 2:8, 2:8] = True
+
+    def volume(lesion: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.as_tensor(0.4 + 0.05 * rng.standard_normal((1, 1, 10, 10, 10)), dtype=torch.float32) * brain
+        mask = torch.zeros_like(image)
+        if lesion:
+            mask[..., 3:5, 3:5, 3:6] = 1
+            image[mask > 0] = 0.9
+        return image, mask
+
+    calibration = [{"image": volume(False)[0]} for _ in range(3)]
+    test = []
+    for k, lesion in enumerate((False, True, True)):
+        image, mask = volume(lesion)
+        test.append({"image": image, "mask": mask, "label": torch.tensor([int(lesion)]), "case_id": [f"v{k}"]})
+    evaluator = AnomalyEvaluator(torch.nn.Identity(), _noise_inferer, test, tmp_path / "eval", _max_score,
+                                 progress=False, num_overlays=0, save_maps="none", region_key="foreground",
+                                 calibration_loader=calibration)
+    evaluator.calibration = dict(CALIBRATION)
+    result = evaluator.run()
+    assert set(result["baselines"]) == {"zscore", "intensity"}
+    intensity = result["baselines"]["intensity"]
+    assert intensity["num_normal_images"] == 0 and intensity["image_score_topk"] == 1000
+    # by hand: each volume z-scored within its brain (nonzero voxels), bright deviations, pooled over brain voxels
+    values, truth = [], []
+    for case in test:
+        image, inside = case["image"][0, 0], case["image"][0, 0] != 0
+        z = (image - image[inside].mean()) / image[inside].std(unbiased=False)
+        values.append(z.clamp_min(0)[inside].numpy())
+        truth.append(case["mask"][0, 0][inside].numpy() > 0.5)
+    assert intensity["pixel_auroc"] == pytest.approx(roc_auc_score(np.concatenate(truth), np.concatenate(values)))
+    assert intensity["pixel_auroc"] > 0.99 and result["baselines"]["zscore"]["pixel_auroc"] > 0.99

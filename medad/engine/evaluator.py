@@ -27,7 +27,7 @@ from medad import scores as scores_module
 from medad.data.validation import check_files, clear_input_errors
 from medad.inferers.base import CountingNetwork
 
-from . import export, grids, shards
+from . import comparison, export, grids, shards
 from .amp import autocast, check_amp
 from .checkpoint import CheckpointMismatchError, load_network_weights, store_calibration
 from .distributed import is_main_process, unwrap
@@ -188,6 +188,12 @@ class AnomalyEvaluator:
             finishes last merges every shard's cases into ``output_dir`` (``medad cohort merge-shards`` does it by
             hand). Every batch keeps its seed, so the merged tables equal an unsharded run's. The thresholds must
             exist already (shards do not calibrate).
+        baselines: baselines measured beside the method on the same test cases and pixels, with the same metric code
+            (:mod:`medad.engine.comparison`), into ``metrics.json`` (``baselines``) and ``report.html``: ``"auto"``
+            (default) the z-score baseline fitted on ``calibration_loader`` and, for volumes, the intensity
+            baseline; a list of names (``"zscore"``, ``"intensity"``); None or ``[]``: none. They need
+            ``calibration_loader`` (held-out normal data), and the zscore / intensity bundles are not compared with
+            themselves. The method's numbers, files and calibration do not change.
 
     Written maps are on the input's grid, and so are the table's ``anomaly_area_px`` / ``anomaly_volume_ml`` (the
     written segmentation's pixels / voxels, with the input file's voxel size); metrics (AUROC, AP, Dice, ...) are
@@ -227,6 +233,7 @@ class AnomalyEvaluator:
         calibration_slices: int | None = None,
         calibration_bootstrap: int = 200,
         shard: str | None = None,
+        baselines: str | Sequence[str] | None = "auto",
     ) -> None:
         if save_maps not in SAVE_MAPS:
             raise ValueError(f"save_maps must be one of {', '.join(SAVE_MAPS)}, got {save_maps!r}.")
@@ -269,6 +276,7 @@ class AnomalyEvaluator:
         self.calibration_slices = None if calibration_slices is None else int(calibration_slices)
         self.calibration_bootstrap = int(calibration_bootstrap)
         self.calibration: dict[str, float] | None = None
+        self.baselines = comparison.parse_baselines(baselines)
 
     # -- model -------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -495,11 +503,11 @@ class AnomalyEvaluator:
         export.write_calibration_file(self.checkpoint_path, self.calibration, self.bundle, fingerprint)
 
     # -- evaluation --------------------------------------------------------------------------------
-    def _metrics(self, cases: Mapping[str, Any]) -> dict[str, Any]:
+    def _ranking_metrics(self, cases: Mapping[str, Any], pixel_threshold: float | None = None) -> dict[str, Any]:
+        """Pooled pixel metrics inside the region and image AUROC of ``cases`` (the method's or a baseline's)."""
         labels = [label for label in cases["label"] if label is not None]
         masks = [m if m is not None else np.zeros_like(cases["map"][i], bool) for i, m in enumerate(cases["mask"])]
         regions = cases["region"] if self.region_key else None
-        pixel_threshold = self.calibration["pixel_threshold"] if self.calibration else None
         result: dict[str, Any] = {"num_cases": len(cases["case_id"])}
         if any(m.any() for m in masks):
             result.update(
@@ -509,6 +517,12 @@ class AnomalyEvaluator:
         # image labels come from the datalist (an anomalous image may lack a mask), not from the masks
         if len(labels) == len(cases["case_id"]) and len(set(labels)) == 2:
             result["image_auroc"] = metrics.image_auroc(cases["score"], labels)
+        return result
+
+    def _metrics(self, cases: Mapping[str, Any]) -> dict[str, Any]:
+        labels = [label for label in cases["label"] if label is not None]
+        pixel_threshold = self.calibration["pixel_threshold"] if self.calibration else None
+        result = self._ranking_metrics(cases, pixel_threshold)
         if self.calibration:
             decisions = np.asarray(cases["score"]) >= self.calibration["image_threshold"]
             result["calibration"] = self.calibration
@@ -650,11 +664,23 @@ class AnomalyEvaluator:
             return
         logger.info("report: %s", path)
 
-    def _finish_shard(self, case_ids: list[str]) -> None:
+    def _add_baselines(self, result: dict[str, Any], case_ids: list[str]) -> None:
+        """``result["baselines"]`` (and ``baselines_note``): the baselines measured on these test cases."""
+        try:
+            measured, note = comparison.measure_baselines(self, case_ids, result)
+        except Exception as error:  # noqa: BLE001 - the method's results stand; a failed comparison costs only itself
+            logger.warning("the baselines were not measured (%s: %s)", type(error).__name__, error)
+            measured, note = None, f"No baselines: measuring them failed ({type(error).__name__}: {error})."
+        if measured:
+            result["baselines"] = measured
+        if note:
+            result["baselines_note"] = note
+
+    def _finish_shard(self, case_ids: list[str], baselines_note: str | None = None) -> None:
         """Record this shard as finished; merge every shard's cases when it is the last one."""
         shards.write_shard_record(self.output_dir, *self.shard, {
             "case_ids": case_ids, "signature": self._signature(), "region_key": self.region_key,
-            "fpr_limit": self.fpr_limit, "calibration": self.calibration,
+            "fpr_limit": self.fpr_limit, "calibration": self.calibration, "baselines_note": baselines_note,
         })
         try:
             done = shards.evaluation_shards_done(self.maps_root)
@@ -735,6 +761,8 @@ class AnomalyEvaluator:
         labels = [label for label in cases["label"] if label is not None]
         if len(labels) == len(cases["score"]) and len(set(labels)) == 2:
             io.save_roc_pr_curves(cases["score"], labels, self.output_dir / "image")
+        cases["map"] = None  # the method's maps are measured: their memory goes before the baselines' maps come
+        self._add_baselines(result, list(cases["case_id"]))
         io.write_json(self.output_dir / "metrics.json", result)
         self._write_report(result, table)
         if self.tracker is not None:
@@ -743,7 +771,7 @@ class AnomalyEvaluator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.output_dir / _PARTIAL_TABLE)
         if self.shard is not None:
-            self._finish_shard(list(cases["case_id"]))
+            self._finish_shard(list(cases["case_id"]), result.get("baselines_note"))
         plain = io.to_jsonable({k: v for k, v in result.items() if not isinstance(v, dict)})
         logger.info("metrics: %s", json.dumps(plain))
         logger.info("evaluation results in %s", self.output_dir)

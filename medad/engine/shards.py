@@ -160,6 +160,8 @@ def merge_evaluation_shards(output_dir: str | os.PathLike) -> Path:
                               progress=False)
     merger.calibration = first.get("calibration")
     result = merger._metrics(cases)
+    if first.get("baselines_note"):  # why the shards measured no baselines
+        result["baselines_note"] = first["baselines_note"]
     result["num_shards"] = n
     table = io.case_table(_table_records(records))
     io.write_tables(table, output_dir, stem="cases")

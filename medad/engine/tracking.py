@@ -8,7 +8,8 @@ MONAI bundles take ``--tracking mlflow`` and attach ignite ``MLFlowHandler``s to
   its SHA-256 as the tag ``medad.run_fingerprint``;
 - during training: the step losses (every ``log_every`` steps, ``train/<name>``) and every learning-monitor record
   (``monitor/<name>``: restoration error vs doing nothing, synthetic-anomaly AUROC);
-- at the end: the metrics of ``metrics.json`` (scalars), the calibration (``calibration/<name>``) and the artifacts
+- at the end: the metrics of ``metrics.json`` (scalars), the calibration (``calibration/<name>``), the baselines'
+  metrics on the same cases (``baselines/<baseline>/<name>``) and the artifacts
   (metrics.json, cases.csv, report.html, curves, learning curve, train log).
 
 The store defaults to a local SQLite file ``<run_dir>/mlruns.db`` with artifacts in ``<run_dir>/mlruns/`` (no
@@ -164,6 +165,9 @@ class MLflowTracker:
         calibration = metrics.get("calibration")
         if isinstance(calibration, Mapping):
             self.log_metrics(calibration, prefix="calibration/")
+        for name, values in (metrics.get("baselines") or {}).items():  # measured on the same cases
+            if isinstance(values, Mapping):
+                self.log_metrics(values, prefix=f"baselines/{name}/")
         names = ("metrics.json", "cases.csv", "cases_summary.json", "report.html", "image_roc.png", "image_pr.png",
                  "learning_curve.png", "learning_curve.csv", "train_log.csv")
         self.log_artifacts((output_dir / name for name in names), artifact_path=output_dir.name)

@@ -1,8 +1,9 @@
 """One self-contained HTML report per evaluation (``<output_dir>/report.html``).
 
 A cohort evaluation leaves hundreds of files; the report is the one place to look: the run's bundle, data and
-settings (``run.json``), the pooled metrics and what the calibrated thresholds mean, the ROC / PR and learning
-curves, the per-case table (click a column header to sort), and the overlays the evaluator drew (worst and best
+settings (``run.json``), the pooled metrics with the baselines' beside them (measured in the same run on the same
+test cases, ``metrics.json`` ``baselines``; a sentence for every metric on which a baseline is higher), what the
+calibrated thresholds mean, the ROC / PR and learning curves, the per-case table (click a column header to sort), and the overlays the evaluator drew (worst and best
 cases of every defect type first). Images are embedded as base64 PNG, the sorting script is inline: the file opens
 offline in any browser and can be mailed as it is. Numbers are printed from ``metrics.json`` and the case table, so
 the report never disagrees with them.
@@ -21,7 +22,7 @@ from typing import Any
 
 from medad.io.atomic import atomic_write
 
-__all__ = ["write_report", "REPORT_FILE", "METRIC_LABELS"]
+__all__ = ["write_report", "REPORT_FILE", "METRIC_LABELS", "COMPARED", "BASELINE_LABELS"]
 
 REPORT_FILE = "report.html"
 
@@ -47,13 +48,24 @@ METRIC_LABELS: dict[str, str] = {
     "network_evaluations_per_image": "network evaluations per image",
 }
 
+#: metrics on which the method and the baselines are compared (higher is better for each)
+COMPARED = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "best_dice")
+#: what the report calls the baselines of ``metrics.json`` (:mod:`medad.engine.comparison`)
+BASELINE_LABELS = {"zscore": "z-score baseline", "intensity": "intensity baseline"}
+#: how each baseline makes its map, for the note below the table
+_BASELINE_HOW = {
+    "zscore": "a per-pixel (per-voxel) Gaussian fitted on {fit}; its map is |z| (largest over channels)",
+    "intensity": ("the image itself, z-scored within its nonzero (brain) voxels, bright deviations only "
+                  "(Meissen et al. 2021); nothing is fitted"),
+}
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:0.9em} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4;cursor:pointer} td.text,th.text{text-align:left}
 figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top} figcaption{font-size:0.85em;color:#555}
-img{max-width:100%} .note{color:#555;font-size:0.9em}
+img{max-width:100%} .note{color:#555;font-size:0.9em} td.higher{font-weight:bold}
 """
 
 _SORT_SCRIPT = """
@@ -85,10 +97,83 @@ def _image(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    rows = [f'<tr><td class="text">{html.escape(label)}</td><td data-key="{key}">{_number(metrics[key])}</td></tr>'
-            for key, label in METRIC_LABELS.items() if key in metrics]
-    return '<table><tr><th class="text">metric</th><th>value</th></tr>' + "".join(rows) + "</table>"
+def _baselines(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    measured = metrics.get("baselines")
+    if not isinstance(measured, Mapping):
+        return {}
+    return {str(name): values for name, values in measured.items() if isinstance(values, Mapping)}
+
+
+def _baseline_label(name: str) -> str:
+    return BASELINE_LABELS.get(name, f"{name} baseline")
+
+
+def _higher(baseline: Any, method: Any) -> bool:
+    """The baseline's value is higher than the method's, as the report prints them (a tie in print is no loss)."""
+    finite = [isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (baseline, method)]
+    return all(finite) and baseline > method and _number(baseline) != _number(method)
+
+
+def _metrics_table(metrics: Mapping[str, Any], method: str = "this run") -> str:
+    """The method's metrics (cells ``data-key="<metric>"``) and a column per baseline
+    (``data-key="baselines.<name>.<metric>"``, bold where it is higher than the method)."""
+    baselines = _baselines(metrics)
+    head = (f'<tr><th class="text">metric</th><th>{html.escape(method)}</th>'
+            + "".join(f"<th>{html.escape(_baseline_label(name))}</th>" for name in baselines) + "</tr>")
+    rows = []
+    for key, label in METRIC_LABELS.items():
+        if key not in metrics and not any(key in values for values in baselines.values()):
+            continue
+        cells = [f'<td class="text">{html.escape(label)}</td>',
+                 f'<td data-key="{key}">{_number(metrics[key])}</td>' if key in metrics else "<td>–</td>"]
+        for name, values in baselines.items():
+            if key not in values:
+                cells.append("<td>–</td>")
+                continue
+            higher = key in COMPARED and _higher(values[key], metrics.get(key))
+            css = ' class="higher"' if higher else ""
+            cells.append(f'<td{css} data-key="baselines.{html.escape(name)}.{key}">{_number(values[key])}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return "<table>" + head + "".join(rows) + "</table>"
+
+
+def _verdicts(metrics: Mapping[str, Any]) -> str:
+    """One sentence per metric on which a baseline is higher than the method; the comparison's fitting note."""
+    baselines = _baselines(metrics)
+    note = metrics.get("baselines_note")
+    if not baselines:
+        text = note if isinstance(note, str) and note else "No baselines were measured in this evaluation."
+        return f'<p class="note">{html.escape(text)}</p>'
+    losses = []
+    for key in COMPARED:
+        for name, values in baselines.items():
+            if _higher(values.get(key), metrics.get(key)):
+                label = METRIC_LABELS[key]
+                losses.append(f"<li>The {html.escape(_baseline_label(name))} is higher on {html.escape(label)}: "
+                              f"{_number(values[key])} vs {_number(metrics[key])} for this run.</li>")
+    compared = [METRIC_LABELS[k] for k in COMPARED if k in metrics and any(k in v for v in baselines.values())]
+    if losses:
+        verdict = '<ul class="verdict">' + "".join(losses) + "</ul>"
+    elif compared:
+        verdict = (f"<p>This run is at least as high as every baseline on {html.escape(', '.join(compared))}.</p>")
+    else:
+        verdict = ""
+    how = []
+    for name, values in baselines.items():
+        count = values.get("num_normal_images")
+        fit = (f"the {_number(count)} held-out normal images of the calibration set (not the training set, so with few "
+               "images it is weaker than the zscore bundle's fit)")
+        text = _BASELINE_HOW.get(name, "see medad.engine.comparison").format(fit=fit)
+        topk = values.get("image_score_topk")
+        score = f"; image score: the mean of the {_number(topk)} largest map values" if topk is not None else ""
+        how.append(f"the {html.escape(_baseline_label(name))} is {html.escape(text)}{html.escape(score)}.")
+    cases = next(iter(baselines.values())).get("num_cases")
+    fitted = (f'<p class="note">Baselines were measured in this run on the same {_number(cases)} test cases and the '
+              "same pixels as the method, with the same metric code; " + " ".join(how)
+              + " They have no calibrated threshold, so the threshold-based metrics are the method's only.")
+    if isinstance(note, str) and note:
+        fitted += " " + html.escape(note)
+    return verdict + fitted + "</p>"
 
 
 def _calibration(metrics: Mapping[str, Any]) -> str:
@@ -188,8 +273,9 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">Written {datetime.datetime.now().isoformat(timespec="seconds")} from '
         f"{html.escape(str(output_dir))}; the numbers are those of metrics.json and cases.csv beside this file. "
-        "Compare runs and baselines with <code>medad cohort summarize</code>.</p>",
-        "<h2>Metrics</h2>", _metrics_table(metrics),
+        "Compare runs with <code>medad cohort summarize</code>.</p>",
+        "<h2>Metrics</h2>", _metrics_table(metrics, f"{bundle} (this run)" if bundle else "this run"),
+        _verdicts(metrics),
         "<h2>Calibration</h2>", _calibration(metrics),
         "<h2>Run</h2>", _settings(run_record),
     ]
