@@ -85,7 +85,7 @@ def test_resuming_with_another_fingerprint_is_refused(trained: Path, tmp_path: P
 
 def test_stock_monai_run_refuses_another_fingerprint(trained: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/ddpm_partial/configs/train.json",
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle.config_files(REPO / "bundles" / "ddpm_partial")),
          "--run_dir", str(trained), "--image_size", "32", "--max_steps", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
