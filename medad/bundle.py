@@ -228,6 +228,9 @@ def run(
             raise OverrideError(str(error)) from error
     files, stored = _workflow_files(bundle, workflow, data, extra_configs or [], override)
     override.update(stored)
+    # MONAI's run drops overrides whose value is None (update_kwargs(ignore_none=True)); "$None" keeps them, so a
+    # stored `patch_size: null` or a user's `--pixdim null` is applied, not silently replaced by the config default.
+    override = {key: "$None" if value is None else value for key, value in override.items()}
     monai_run(
         run_id=run_id,
         config_file=files,

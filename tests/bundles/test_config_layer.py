@@ -150,3 +150,11 @@ def test_pack_writes_a_bundle_that_stock_monai_runs_from_elsewhere(tmp_path: Pat
             return [{k: v for k, v in row.items() if "score" in k} for row in csv.DictReader(handle)]
 
     assert scores(elsewhere / "out") and scores(elsewhere / "out") == scores(tmp_path / "medad_out")  # same model
+
+
+def test_a_none_override_reaches_the_config(tmp_path: Path):
+    """MONAI's run drops None overrides; medad passes them on (a stored ``patch_size: null`` must not become 32²)."""
+    bundle.run(REPO / "bundles" / "disyre", "train", run_dir=str(tmp_path), patch_size=None,
+               **{**CASES["disyre"][2], "evaluator#num_overlays": 0})
+    record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
+    assert record["settings"]["patch_size"] is None
