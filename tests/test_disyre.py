@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from medad.corruptions import ForeignPatchCorruption
-from medad.diffusion import make_diffusion
+from medad.diffusion import SyntheticAnomalySchedule, make_diffusion
 from medad.inferers import AnomalyInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer, SyntheticRestorationInferer
-from medad.methods import SyntheticAnomalySchedule, SyntheticAnomalyStep
+from medad.methods import SyntheticAnomalyStep
 from medad.networks import AnomalyUNet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 from medad.methods.addm import AdversarialDiffusionStep
 from medad.methods.baselines import BrainIntensity, GaussianFitter, PixelGaussian
-from medad.methods.disyre import SyntheticAnomalySchedule, SyntheticAnomalyStep
+from medad.methods.disyre import SyntheticAnomalyStep
 from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
     "GaussianFitter",
     "PixelGaussian",
     "FairTrainingStep",
-    "SyntheticAnomalySchedule",
     "SyntheticAnomalyStep",
     "fair_lr_scheduler",
     "training_length",
