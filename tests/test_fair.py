@@ -14,10 +14,10 @@ import torch
 
 from medad import bundle
 from medad.inferers import FrequencyRestorationInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer
-from medad.inferers.frequency import extractor_channels, high_frequency_input
-from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
+from medad.methods import FairTrainingStep
+from medad.methods.fair import fair_lr_scheduler, training_length
 from medad.networks import AnomalyUNet
-from medad.transforms.frequency import highpass, to_grayscale
+from medad.transforms.frequency import HighFrequencyInput, highpass, to_grayscale
 
 REPO = Path(__file__).resolve().parents[1]
 FAIR = REPO / "bundles" / "fair"
@@ -46,16 +46,17 @@ class Recorder(torch.nn.Module):
 
 # -- network input ----------------------------------------------------------------------------------------
 def test_high_frequency_input_removes_the_mean_and_matches_highpass_of_gray():
+    high_frequency = HighFrequencyInput()
     constant = torch.full((2, 3, 16, 16), 0.7)
-    assert high_frequency_input(constant).abs().max() < 1e-5  # H(0) = 0: a flat image has no high frequencies
+    assert high_frequency(constant).abs().max() < 1e-5  # H(0) = 0: a flat image has no high frequencies
     images = torch.rand(2, 3, 16, 16)
     expected = highpass(to_grayscale(images), "butterworth", 30.0, 2, 256)
-    assert torch.allclose(high_frequency_input(images), expected)
-    assert high_frequency_input(images).mean(dim=(2, 3)).abs().max() < 1e-5
-    assert high_frequency_input(images, "sobel").shape == (2, 2, 16, 16)
-    assert extractor_channels("sobel") == 2 and extractor_channels("gaussian") == 1
+    assert torch.allclose(high_frequency(images), expected)
+    assert high_frequency(images).mean(dim=(2, 3)).abs().max() < 1e-5
+    assert HighFrequencyInput("sobel")(images).shape == (2, 2, 16, 16)
+    assert HighFrequencyInput("sobel").channels == 2 and HighFrequencyInput("gaussian").channels == 1
     with pytest.raises(ValueError, match="extractor"):
-        high_frequency_input(images, "wavelet")
+        HighFrequencyInput("wavelet")
 
 
 # -- training step ----------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def test_training_loss_is_l2_plus_one_minus_ssim_and_input_is_the_highpass():
     exact = Recorder(images.clone())
     out = step(exact, {"image": images})
     assert float(out["loss"].detach()) < 1e-6  # perfect restoration: L2 = 0 and SSIM = 1
-    assert torch.allclose(exact.seen, high_frequency_input(images))
+    assert torch.allclose(exact.seen, HighFrequencyInput()(images))
 
     shifted = Recorder((images + 0.1).clamp(0, 1))
     out = step(shifted, {"image": images})
@@ -99,7 +100,7 @@ def test_corruption_changes_the_input_but_clean_branch_does_not():
     # precomputed corruptions in the batch (RandFairCorruptiond in the loader) are used as they are
     recorder = Recorder(images.clone())
     always(recorder, {"image": images, "corrupted": corrupted})
-    assert torch.allclose(recorder.seen, high_frequency_input(corrupted))
+    assert torch.allclose(recorder.seen, HighFrequencyInput()(corrupted))
 
 
 def test_training_step_rejects_a_network_with_the_wrong_output_channels():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from medad.inferers import FrequencyRestorationInferer
 from medad.transforms.frequency import (
-    HighPassd,
-    SobelGradientsd,
+    HighFrequencyInput,
     butterworth_highpass_filter,
     frequency_distance,
     gaussian_highpass_filter,
@@ -129,21 +129,20 @@ def test_grayscale_weights():
         to_grayscale(torch.zeros(1, 2, 4, 4))
 
 
-def test_dictionary_transforms():
-    sample = {"image": torch.rand(3, 32, 32)}
-    out = HighPassd("image", output_key="hp", cutoff=4)(sample)
-    assert out["hp"].shape == (1, 32, 32)
-    expected = highpass(to_grayscale(sample["image"][None]), "butterworth", 4)[0]
-    torch.testing.assert_close(out["hp"], expected)
-    out = SobelGradientsd("image")(sample)
-    assert out["gradients"].shape == (2, 32, 32)
-    with pytest.raises(ValueError, match="unknown high-pass"):
-        HighPassd("image", kind="box")
+def test_high_frequency_input_settings_channels_and_volumes():
+    volume = torch.rand(1, 1, 12, 16, 10)  # the Fourier filters work in 3D too
+    high_frequency = HighFrequencyInput("gaussian", cutoff=4, cutoff_reference_size=None, extension="periodic")
+    torch.testing.assert_close(high_frequency(volume), highpass(volume, "gaussian", 4, 2, None, "periodic"))
+    assert high_frequency.channels == 1 and "gaussian" in repr(high_frequency)
+    sobel = HighFrequencyInput("sobel")
+    assert sobel.channels == 2 and sobel(torch.rand(2, 3, 32, 32)).shape == (2, sobel.channels, 32, 32)
+    with pytest.raises(ValueError, match="unknown high-frequency extractor 'box'"):
+        HighFrequencyInput("box")
+    with pytest.raises(ValueError, match="extension"):
+        HighFrequencyInput(extension="zeros")
 
 
 def test_restoration_on_a_mirror_padded_canvas_is_cropped_back():
-    from medad.inferers.frequency import FrequencyRestorationInferer, restore_from_high_frequency
-
     seen = []
 
     def network(x):  # records the canvas it is given; "restores" a zero-padding-like rim artefact
@@ -153,12 +152,13 @@ def test_restoration_on_a_mirror_padded_canvas_is_cropped_back():
         return out
 
     images = torch.rand(2, 3, 32, 48)
-    plain = restore_from_high_frequency(network, images)
-    padded = restore_from_high_frequency(network, images, margin=8)
+    high_frequency = HighFrequencyInput()
+    plain = high_frequency.restore(network, images)
+    padded = high_frequency.restore(network, images, margin=8)
     assert seen == [(2, 1, 32, 48), (2, 1, 48, 64)]
     assert plain.shape == padded.shape == (2, 3, 32, 48)
     assert (plain[..., 0, :] == 0).all() and (padded == 0.5).all()  # the rim falls in the cropped margin
     out = FrequencyRestorationInferer(margin=8, mean_filter_size=5)(images, network)
     assert out["restoration"].shape == images.shape and out["anomaly_map"].shape == (2, 1, 32, 48)
     with pytest.raises(ValueError, match="margin"):
-        restore_from_high_frequency(network, images, margin=32)
+        high_frequency.restore(network, images, margin=32)

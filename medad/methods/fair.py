@@ -3,8 +3,8 @@
 One training step: corrupt the normal image with FAIR's synthetic anomalies (50 % large CutPaste, 50 %
 Perlin-mask texture, each branch clean half of the time, the clean image itself rotated by up to ±90°
 with p = 0.3), convert to gray, high-pass it, restore the (colour) clean image with the UNet and
-minimise ``L2 + SSIM`` (paper eq. 7). The high-pass input is made by
-:func:`medad.inferers.frequency.high_frequency_input`, the very function the inferer uses.
+minimise ``L2 + SSIM`` (paper eq. 7). The high-pass input is made by a :class:`medad.transforms.HighFrequencyInput`,
+the very object the inferer uses.
 
 Deviations from the official code: the corruption runs on the batch in the training step (so any loader,
 including MRI slices, can feed it) instead of inside the dataset; the learning-rate decay ×0.2 at 80 % and
@@ -26,8 +26,8 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from medad.engine.schedules import MultiStepProgressLR
-from medad.inferers.frequency import extractor_channels, high_frequency_input, restore_from_high_frequency
 from medad.transforms.corruption import RandFairCorruptiond
+from medad.transforms.frequency import HighFrequencyInput
 
 __all__ = ["FairTrainingStep", "fair_lr_scheduler", "training_length"]
 
@@ -38,15 +38,11 @@ class FairTrainingStep(nn.Module):
     ``x̂ = network(highpass(gray(corrupt(x))))``; ``x`` is the clean image (rotated where the corruption rotated it).
 
     Args:
-        filter_kind: ``"butterworth"`` (FAIR), ``"gaussian"``, ``"ideal"`` or ``"sobel"``.
-        cutoff: high-pass cutoff ``D0`` (FAIR: 30 for 256² images).
-        order: Butterworth order (FAIR: 2).
-        cutoff_reference_size: the image size ``cutoff`` refers to (256).
-        extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (official code),
-            see :func:`medad.inferers.frequency.high_frequency_input`; the inferer must use the same.
+        high_frequency: the network's input (:class:`~medad.transforms.HighFrequencyInput`; its ``channels`` are the
+            network's ``in_channels``); the inferer must use the same. Default ``HighFrequencyInput()``: FAIR's
+            Butterworth filter, ``D0 = 30`` on 256² images, order 2, symmetric border extension.
         margin: restore on a canvas mirror-padded by this many pixels (default 8, 0 = official; removes the
-            network's border rim, :func:`medad.inferers.frequency.restore_from_high_frequency`); the inferer must
-            use the same.
+            network's border rim, :meth:`medad.transforms.HighFrequencyInput.restore`); the inferer must use the same.
         corrupt: add FAIR's synthetic anomalies (False: a plain frequency-restoration autoencoder).
         texture_source: DTD-like texture folder, or None for the image's own texture (the paper's
             "no extra data" variant, Table 12).
@@ -66,11 +62,7 @@ class FairTrainingStep(nn.Module):
 
     def __init__(
         self,
-        filter_kind: str = "butterworth",
-        cutoff: float = 30.0,
-        order: int = 2,
-        cutoff_reference_size: int | None = 256,
-        extension: str = "symmetric",
+        high_frequency: HighFrequencyInput | None = None,
         margin: int = 8,
         corrupt: bool = True,
         texture_source: str | Path | None = None,
@@ -88,12 +80,7 @@ class FairTrainingStep(nn.Module):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        self.in_channels = extractor_channels(filter_kind)  # validates the extractor name
-        self.filter_kind = filter_kind
-        self.cutoff = float(cutoff)
-        self.order = int(order)
-        self.cutoff_reference_size = cutoff_reference_size
-        self.extension = extension
+        self.high_frequency = high_frequency if high_frequency is not None else HighFrequencyInput()
         self.margin = int(margin)
         self.image_key = image_key
         self.corrupted_key = corrupted_key
@@ -127,12 +114,6 @@ class FairTrainingStep(nn.Module):
             corrupted.append(convert_to_tensor(out[self.corrupted_key], track_meta=False))
         return torch.stack(targets).to(images), torch.stack(corrupted).to(images)
 
-    def network_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Gray + high-pass (or Sobel) of ``(B, C, H, W)`` images: the restoration network's input."""
-        return high_frequency_input(
-            images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension
-        )
-
     def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """One batch -> ``{"loss", "l2", "ssim"}`` (scalars; ``loss`` carries the gradient)."""
         images = convert_to_tensor(batch[self.image_key], track_meta=False).float()
@@ -141,10 +122,7 @@ class FairTrainingStep(nn.Module):
         else:
             with torch.no_grad():
                 targets, corrupted = self.corrupt_batch(images)
-        restoration = restore_from_high_frequency(
-            network, corrupted, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension,
-            self.margin,
-        )
+        restoration = self.high_frequency.restore(network, corrupted, self.margin)
         if restoration.shape != targets.shape:
             raise ValueError(
                 f"fair.py: the network restored shape {tuple(restoration.shape)} for images of shape "
