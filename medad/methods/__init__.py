@@ -1,6 +1,7 @@
 """medad.methods: the method-specific training steps and helpers, one module per method."""
 
 from medad.methods.addm import AdversarialDiffusionStep
+from medad.methods.ddpm import DiffusionStep
 from medad.methods.baselines import BrainIntensity, GaussianFitter, PixelGaussian
 from medad.methods.disyre import SyntheticAnomalyStep
 from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
@@ -8,6 +9,7 @@ from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_len
 __all__ = [
     "AdversarialDiffusionStep",
     "BrainIntensity",
+    "DiffusionStep",
     "GaussianFitter",
     "PixelGaussian",
     "FairTrainingStep",

@@ -1,7 +1,7 @@
-"""Training steps: ``step(network, batch) -> {"loss": scalar, ...}``, one per training objective.
+"""The DDPM training step (Ho et al. 2020; improved-DDPM's hybrid loss): the plain diffusion objective.
 
-Method-specific steps that need more (FAIR's corruptions, DISYRE's schedule, ADDM's adversary) live in
-:mod:`medad.methods`; the plain diffusion objective is shared here.
+Every training step is ``step(network, batch) -> {"loss": scalar, ...}`` and lives in :mod:`medad.methods`; this one
+trains ddpm_partial and ddpm_kl and is the base of ADDM's adversarial step (:mod:`medad.methods.addm`).
 """
 
 from __future__ import annotations
