@@ -14,8 +14,8 @@ import torch
 
 from medad import bundle
 from medad.inferers import FrequencyRestorationInferer, SliceAggregationInferer, SlidingWindowAnomalyInferer
+from medad.engine import multi_step_schedule, training_length
 from medad.methods import FairTrainingStep
-from medad.methods.fair import fair_lr_scheduler, training_length
 from medad.networks import AnomalyUNet
 from medad.transforms.frequency import HighFrequencyInput, highpass, to_grayscale
 
@@ -116,7 +116,7 @@ def test_lr_is_multiplied_by_0_2_at_80_and_90_percent_of_training():
     with pytest.raises(ValueError):
         training_length()
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-    scheduler = fair_lr_scheduler(optimizer, max_epochs=10, steps_per_epoch=10)
+    scheduler = multi_step_schedule(optimizer, (0.8, 0.9), 0.2, max_epochs=10, steps_per_epoch=10)
     lrs = []
     with warnings.catch_warnings():  # no optimizer.step() here: only the schedule is under test
         warnings.simplefilter("ignore")

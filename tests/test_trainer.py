@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medad.engine import LearningMonitor, Trainer, load_checkpoint, step_decay_schedule, warmup_cosine_schedule
+from medad.engine import (LearningMonitor, Trainer, load_checkpoint, multi_step_schedule, step_decay_schedule,
+                          warmup_cosine_schedule)
 from medad.inferers import SliceAggregationInferer
 from medad.inferers.base import AnomalyInferer
-from medad.methods.fair import fair_lr_scheduler
 
 # A tiny run that draws from every kind of random stream: the loader's shuffle (global torch RNG), MONAI random
 # transforms (their own numpy states), a training step's private torch.Generator, and the global numpy RNG.
@@ -29,9 +29,8 @@ SCRIPT = textwrap.dedent('''
     from monai import transforms as mt
     from monai.data import CacheDataset, DataLoader
     from monai.utils import set_determinism
-    from medad.engine import Trainer
-    from medad.methods.fair import fair_lr_scheduler
-
+    from medad.engine import Trainer, multi_step_schedule
+    
     max_steps, pause, run_dir = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     set_determinism(seed=0)
     items = [{"image": torch.rand(1, 8, 8)} for _ in range(10)]
@@ -55,7 +54,7 @@ SCRIPT = textwrap.dedent('''
 
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
     trainer = Trainer(network, optimizer, loader, Step(), max_steps=max_steps,
-                      lr_scheduler=fair_lr_scheduler(optimizer, fractions=[0.5], gamma=0.2),
+                      lr_scheduler=multi_step_schedule(optimizer, fractions=[0.5], gamma=0.2),
                       checkpoint_path=run_dir + "/checkpoint.pt", model_path=run_dir + "/model.pt",
                       checkpoint_every=1000, ema_decay=0.9, progress=False)
     trainer.run()
@@ -147,7 +146,7 @@ def _time_budget_run(make_scheduler, tmp_path: Path, minutes: float = 1.0) -> tu
 
 
 def test_fair_schedule_decays_at_80_and_90_percent_of_a_time_budget(tmp_path: Path):
-    trainer, lrs = _time_budget_run(lambda opt: fair_lr_scheduler(opt, max_steps=10**6), tmp_path)
+    trainer, lrs = _time_budget_run(lambda opt: multi_step_schedule(opt, (0.8, 0.9), 0.2, max_steps=10**6), tmp_path)
     assert trainer.progress == 1.0 and 50 < trainer.step < 10**6
     assert lrs[-1] == pytest.approx(0.04)  # x0.2 twice: as decayed as a run stopped by max_steps
     first_decay, second_decay = lrs.index(pytest.approx(0.2)), lrs.index(pytest.approx(0.04))

@@ -10,19 +10,31 @@ from .evaluator import AnomalyEvaluator, calibrate_thresholds
 from .export import export_torchscript, load_torchscript, read_calibration, weights_fingerprint
 from .grids import to_image_size, to_input_grid, to_native_space
 from .monitor import LearningMonitor
-from .schedules import MultiStepProgressLR, ProgressScheduler, WarmupCosineProgressLR, step_decay_schedule
-from .trainer import Trainer, TrainingInterrupted, warmup_cosine_schedule
+from .schedules import (
+    ExponentialStepProgressLR,
+    MultiStepProgressLR,
+    ProgressScheduler,
+    WarmupCosineProgressLR,
+    multi_step_schedule,
+    step_decay_schedule,
+    training_length,
+    warmup_cosine_schedule,
+)
+from .trainer import Trainer, TrainingInterrupted
 
 __all__ = [
     "AnomalyEvaluator",
     "CheckpointMismatchError",
+    "ExponentialStepProgressLR",
     "LearningMonitor",
     "MultiStepProgressLR",
     "ProgressScheduler",
     "Trainer",
     "TrainingInterrupted",
     "WarmupCosineProgressLR",
+    "multi_step_schedule",
     "step_decay_schedule",
+    "training_length",
     "all_reduce_mean",
     "barrier",
     "calibrate_thresholds",

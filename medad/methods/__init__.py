@@ -4,7 +4,7 @@ from medad.methods.addm import AdversarialDiffusionStep
 from medad.methods.ddpm import DiffusionStep
 from medad.methods.baselines import BrainIntensity, GaussianFitter, PixelGaussian
 from medad.methods.disyre import SyntheticAnomalyStep
-from medad.methods.fair import FairTrainingStep, fair_lr_scheduler, training_length
+from medad.methods.fair import FairTrainingStep
 
 __all__ = [
     "AdversarialDiffusionStep",
@@ -14,6 +14,4 @@ __all__ = [
     "PixelGaussian",
     "FairTrainingStep",
     "SyntheticAnomalyStep",
-    "fair_lr_scheduler",
-    "training_length",
 ]

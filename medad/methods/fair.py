@@ -9,12 +9,12 @@ the very object the inferer uses.
 Deviations from the official code: the corruption runs on the batch in the training step (so any loader,
 including MRI slices, can feed it) instead of inside the dataset; the learning-rate decay ×0.2 at 80 % and
 90 % of training is a function of the trainer's progress, stepped per iteration (so it also decays under a time
-budget); the official code steps a MultiStepLR per epoch at the same fractions of its epochs.
+budget; :func:`medad.engine.multi_step_schedule` with ``fractions=(0.8, 0.9), gamma=0.2``); the official code steps a
+MultiStepLR per epoch at the same fractions of its epochs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -25,11 +25,10 @@ from monai.losses import SSIMLoss
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from medad.engine.schedules import MultiStepProgressLR
 from medad.transforms.corruption import RandFairCorruptiond
 from medad.transforms.frequency import HighFrequencyInput
 
-__all__ = ["FairTrainingStep", "fair_lr_scheduler", "training_length"]
+__all__ = ["FairTrainingStep"]
 
 
 class FairTrainingStep(nn.Module):
@@ -132,38 +131,3 @@ class FairTrainingStep(nn.Module):
         ssim = self.ssim(restoration, targets)
         return {"loss": l2 + self.ssim_weight * ssim, "l2": l2.detach(), "ssim": ssim.detach()}
 
-
-def training_length(
-    max_steps: int | None = None, max_epochs: int | None = None, steps_per_epoch: int | None = None
-) -> int:
-    """Optimiser steps the :class:`~medad.engine.Trainer` will take: the first of ``max_steps`` and
-    ``max_epochs · steps_per_epoch`` to be reached."""
-    bounds = [math.inf]
-    if max_steps is not None:
-        bounds.append(int(max_steps))
-    if max_epochs is not None:
-        if steps_per_epoch is None:
-            raise ValueError("fair.py: max_epochs needs steps_per_epoch (the length of the training loader).")
-        bounds.append(int(max_epochs) * int(steps_per_epoch))
-    total = min(bounds)
-    if total == math.inf:
-        raise ValueError("fair.py: give max_steps or max_epochs to size the learning-rate schedule.")
-    return int(total)
-
-
-def fair_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    max_steps: int | None = None,
-    max_epochs: int | None = None,
-    steps_per_epoch: int | None = None,
-    fractions: Sequence[float] = (0.8, 0.9),
-    gamma: float = 0.2,
-) -> MultiStepProgressLR:
-    """FAIR's schedule: learning rate ×``gamma`` after ``fractions`` of training, stepped every iteration.
-
-    The fractions are of the training *progress* that :class:`~medad.engine.Trainer` reports (steps, epochs or
-    ``max_minutes``, whichever ends training first), so a time-budgeted run decays too. Outside a trainer the
-    milestones are ``f · total_steps`` with ``total_steps`` from :func:`training_length`.
-    """
-    total = training_length(max_steps, max_epochs, steps_per_epoch) if max_steps or max_epochs else None
-    return MultiStepProgressLR(optimizer, fractions, gamma, total_steps=total)
