@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from medad.io import write_volume_case
-from medad.io.dicom import read_dicom_series
+from medad.data.dicom import read_dicom_series
 
 try:
     import highdicom as hd

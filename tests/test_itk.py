@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medad.io.readers import GEOMETRY_KEYS, read_volume, resolve_reader, volume_reader
+from medad.data.readers import GEOMETRY_KEYS, read_volume, resolve_reader, volume_reader
 
 sitk = pytest.importorskip("SimpleITK")
 # ITK's SWIG wrappers warn about their own types on import (nothing medad can change)
@@ -47,7 +47,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_auto_reader_is_itk_exactly_when_itk_is_importable(monkeypatch):
     assert resolve_reader("auto") == ("itk" if HAS_ITK else "sitk")
     assert resolve_reader("sitk") == "sitk"
-    import medad.io.readers as readers
+    import medad.data.readers as readers
 
     monkeypatch.setattr(readers.importlib.util, "find_spec", lambda name, *a: None)
     assert resolve_reader("auto") == "sitk"

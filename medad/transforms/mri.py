@@ -112,13 +112,13 @@ def load_volume(path: str | os.PathLike, reader: str = "auto") -> MetaTensor:
     Args:
         path: a NIfTI file, any other file ITK/SimpleITK reads (NRRD, MetaImage), or a DICOM series folder.
         reader: ``"auto"``, ``"itk"`` (MONAI's ITKReader) or ``"sitk"`` (nibabel / SimpleITK), see
-            :mod:`medad.io.readers`; both give the same array and affine.
+            :mod:`medad.data.readers`; both give the same array and affine.
 
     A 4D file is accepted only when its 4th dimension has length 1. Raises ``ValueError`` with one
     sentence naming the file and the problem otherwise (unreadable, wrong dimensionality, empty,
     non-finite values).
     """
-    from medad.io.readers import read_volume, resolve_reader
+    from medad.data.readers import read_volume, resolve_reader
 
     path = Path(path)
     resolve_reader(reader)  # a wrong setting or a missing package is not the file's fault

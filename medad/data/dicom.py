@@ -10,7 +10,11 @@ The DICOM Segmentation / Parametric Map written for such a case read the folder 
 
 Use it as a loader input (``LoadInputd`` reads a folder with :class:`DicomSeriesReader`) or convert once::
 
-    python -m medad.io.dicom /data/dicom/case001 /data/nifti/case001.nii.gz
+    python -m medad.data.dicom /data/dicom/case001 /data/nifti/case001.nii.gz
+
+:func:`sitk_ras_affine` (SimpleITK geometry to a RAS affine) lives here, in a module that imports nothing else of
+medad, so the other SimpleITK readers (:mod:`medad.data.readers`) and the elastix backend
+(:mod:`medad.transforms.elastix`) import it without an import cycle.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ class DicomSeriesReader(ImageReader):
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
-        print("usage: python -m medad.io.dicom <dicom_series_folder> <output.nii.gz>", file=sys.stderr)
+        print("usage: python -m medad.data.dicom <dicom_series_folder> <output.nii.gz>", file=sys.stderr)
         return 2
     print(dicom_to_nifti(argv[0], argv[1]))
     return 0

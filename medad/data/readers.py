@@ -3,7 +3,7 @@
 - ``"itk"``: MONAI's :class:`monai.data.ITKReader` (NIfTI, NRRD, MetaImage, a folder holding one DICOM series, and
   every other format ITK reads), from the ``itk`` extra (``pip install "medad[itk]"``: ``itk-io`` + ``itk-core``).
 - ``"sitk"``: the core dependencies only: NIfTI through nibabel (as MONAI's ``NibabelReader``), a DICOM series folder
-  through :func:`medad.io.dicom.read_dicom_series`, other files (NRRD, MetaImage) through SimpleITK.
+  through :func:`medad.data.dicom.read_dicom_series`, other files (NRRD, MetaImage) through SimpleITK.
 - ``"auto"``: ``"itk"`` when the ``itk`` module is importable, else ``"sitk"``.
 
 Both give the same voxel array ``(X, Y, Z)`` (nibabel's index order), the same RAS ``affine`` (to 1e-5; ITK stores
@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from monai.data import ImageReader, ITKReader
+
+from medad.data.dicom import _series_files, read_dicom_series, sitk_ras_affine
 
 __all__ = [
     "VOLUME_READERS",
@@ -91,8 +93,6 @@ class GeometryITKReader(ITKReader):
 
         name = _single(data)
         if Path(name).is_dir():
-            from medad.io.dicom import _series_files
-
             # The series' files as the sitk reader groups and sorts them (one series per folder, errors name the
             # folder); ITKReader's own grouping splits a series by more details and would read only its first part.
             files = _series_files(Path(name), self.series_name or None)
@@ -110,7 +110,7 @@ class GeometryITKReader(ITKReader):
 
 class SimpleITKVolumeReader(ImageReader):
     """Volumes with the core dependencies: NIfTI via nibabel, a DICOM series folder via SimpleITK
-    (:func:`medad.io.dicom.read_dicom_series`, no tag read into memory), NRRD / MetaImage / others via SimpleITK.
+    (:func:`medad.data.dicom.read_dicom_series`, no tag read into memory), NRRD / MetaImage / others via SimpleITK.
 
     Output: ``(X, Y, Z)`` array in the file's dtype (DICOM: float32) with a RAS affine; meta :data:`GEOMETRY_KEYS`.
     """
@@ -122,8 +122,6 @@ class SimpleITKVolumeReader(ImageReader):
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> tuple[str, np.ndarray, np.ndarray]:
         name = _single(data)
         if Path(name).is_dir():
-            from medad.io.dicom import read_dicom_series
-
             volume, affine = read_dicom_series(name)
             return name, volume, affine
         if name.lower().endswith(_NIFTI_SUFFIXES):
@@ -146,8 +144,6 @@ class SimpleITKVolumeReader(ImageReader):
         array = sitk.GetArrayFromImage(image)
         array = np.ascontiguousarray(array.transpose(*reversed(range(image.GetDimension())),
                                                      *range(image.GetDimension(), array.ndim)))
-        from medad.io.dicom import sitk_ras_affine
-
         return name, array, sitk_ras_affine(image)
 
     def get_data(self, img: tuple[str, np.ndarray, np.ndarray]) -> tuple[np.ndarray, dict]:
