@@ -313,7 +313,8 @@ def _write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing=(0.8, 0.9,
 
 
 def test_dicom_series_input_keeps_no_patient_identifier(tmp_path: Path, caplog, capfd):
-    from medad.data import dicom_to_nifti, read_dicom_series
+    from medad.data import read_dicom_series
+    from medad.io import dicom_to_nifti
 
     caplog.set_level(logging.DEBUG)
     volume_zyx = np.random.default_rng(0).integers(0, 1000, size=(5, 7, 6))

@@ -1,7 +1,7 @@
 """medad.data: everything that reads inputs: dataset layouts (MVTec AD, NIfTI folders), DICOM series, the volume
 readers (:mod:`medad.data.readers`), loading transforms and the embedded demo data."""
 
-from medad.data.dicom import DicomSeriesReader, dicom_to_nifti, find_dicom_series, read_dicom_series
+from medad.data.dicom import DicomSeriesReader, find_dicom_series, read_dicom_series
 from medad.data.demo import DEMO_DEFECTS, MARKER_NAME, demo_root, load_mni152, make_demo_mri, make_demo_mvtec
 from medad.data.mvtec import IMAGE_EXTENSIONS, mvtec_datalist, split_train_val
 from medad.data.nifti import (
@@ -53,7 +53,6 @@ __all__ = [
     "ScalePercentilesInMaskd",
     "ToChannelsd",
     "demo_root",
-    "dicom_to_nifti",
     "find_dicom_series",
     "image_reader",
     "image_transforms",

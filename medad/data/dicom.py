@@ -3,14 +3,15 @@
 A folder holding one DICOM series becomes a NIfTI-like volume ``(X, Y, Z)`` with a RAS affine, the convention of
 every other medad volume. No DICOM tag is copied anywhere: the series is read with SimpleITK's
 ``ImageSeriesReader`` without its per-slice metadata dictionaries and without private tags, the NIfTI header that
-:func:`dicom_to_nifti` writes has empty description fields, and errors name the folder, never a tag value.
-(The folder's own name is the user's choice and is kept as the case name; do not name folders after patients.)
+:func:`medad.io.dicom.dicom_to_nifti` writes has empty description fields, and errors name the folder, never a tag
+value. (The folder's own name is the user's choice and is kept as the case name; do not name folders after patients.)
 The DICOM Segmentation / Parametric Map written for such a case read the folder again, for their references, in
 :mod:`medad.io.dicom_outputs`; nothing read here travels through the pipeline.
 
-Use it as a loader input (``LoadInputd`` reads a folder with :class:`DicomSeriesReader`) or convert once::
+Use it as a loader input (``LoadInputd`` reads a folder with :class:`DicomSeriesReader`) or convert once
+(:func:`medad.io.dicom.dicom_to_nifti`)::
 
-    python -m medad.data.dicom /data/dicom/case001 /data/nifti/case001.nii.gz
+    python -m medad.io.dicom /data/dicom/case001 /data/nifti/case001.nii.gz
 
 :func:`sitk_ras_affine` (SimpleITK geometry to a RAS affine) lives here, in a module that imports nothing else of
 medad, so the other SimpleITK readers (:mod:`medad.data.readers`) and the elastix backend
@@ -20,7 +21,6 @@ medad, so the other SimpleITK readers (:mod:`medad.data.readers`) and the elasti
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 from monai.data import ImageReader
 
-__all__ = ["read_dicom_series", "dicom_to_nifti", "DicomSeriesReader", "find_dicom_series", "is_dicom_file",
-           "sitk_ras_affine"]
+__all__ = ["read_dicom_series", "DicomSeriesReader", "find_dicom_series", "is_dicom_file", "sitk_ras_affine"]
 
 PathLike = str | os.PathLike
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -120,19 +119,6 @@ def sitk_ras_affine(image: Any) -> np.ndarray:
     return _LPS_TO_RAS @ lps
 
 
-def dicom_to_nifti(folder: PathLike, path: PathLike, series_id: str | None = None) -> Path:
-    """Convert one DICOM series to a float32 NIfTI (atomically), without any patient data in its header."""
-    import nibabel as nib
-
-    from medad.io.atomic import atomic_save
-
-    volume, affine = read_dicom_series(folder, series_id)
-    image = nib.Nifti1Image(volume, affine)  # a fresh header: descrip / db_name / aux_file stay empty
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    return atomic_save(path, lambda name: nib.save(image, name))
-
-
 class DicomSeriesReader(ImageReader):
     """MONAI ``ImageReader`` for a folder holding one DICOM series (see :func:`read_dicom_series`).
 
@@ -160,15 +146,3 @@ class DicomSeriesReader(ImageReader):
         }
         return volume, meta
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2:
-        print("usage: python -m medad.data.dicom <dicom_series_folder> <output.nii.gz>", file=sys.stderr)
-        return 2
-    print(dicom_to_nifti(argv[0], argv[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,11 +2,12 @@
 
 NIfTI maps on the input image's grid, 3D Slicer segmentations (``.seg.nrrd``) and colour tables, DICOM
 Segmentation / Parametric Map for DICOM series inputs (highdicom), PNG overlays, per-case CSV/Parquet tables with a
-cohort summary and ROC/PR curves. Every writer is atomic (temporary file in
+cohort summary and ROC/PR curves, a DICOM series converted to NIfTI. Every writer is atomic (temporary file in
 the target folder, then rename), and no writer modifies its inputs. Reading inputs is :mod:`medad.data`'s.
 """
 
 from medad.io.atomic import atomic_save, atomic_write, to_jsonable, write_json
+from medad.io.dicom import dicom_to_nifti
 from medad.io.dicom_outputs import write_dicom_case
 from medad.io.case_outputs import ANOMALY_SEGMENT, compact_float, write_image_case, write_volume_case
 from medad.io.nifti import reference_grid, write_label_nifti, write_nifti_like
@@ -39,6 +40,7 @@ __all__ = [
     "case_table",
     "compact_float",
     "cohort_summary",
+    "dicom_to_nifti",
     "lps_affine_to_ras",
     "ras_affine_to_lps",
     "reference_grid",
