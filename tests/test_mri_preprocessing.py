@@ -22,6 +22,7 @@ import torch
 ants = pytest.importorskip("ants")
 sitk = pytest.importorskip("SimpleITK")
 
+from medad.data import load_mni152  # noqa: E402
 from medad.preprocess import LOG_NAME, case_outputs, main, preprocess_cohort  # noqa: E402
 from medad.transforms.mri import (  # noqa: E402
     N4BiasCorrectiond,
@@ -31,7 +32,6 @@ from medad.transforms.mri import (  # noqa: E402
     ants_to_metatensor,
     apply_forward_transform,
     apply_inverse_transform,
-    load_mni152,
     load_registration_record,
     load_volume,
     metatensor_to_ants,
@@ -165,10 +165,15 @@ def test_bad_arguments_raise():
 
 
 def test_mni152_loads_offline():
-    template, mask = load_mni152(2)
-    assert tuple(template.shape) == (1, 99, 117, 95) and tuple(mask.shape) == (1, 99, 117, 95)
-    assert 0.15 < float(mask.mean()) < 0.3
-    assert float(template[mask == 0].abs().max()) == 0.0
+    from medad.transforms.mri import _load_template
+
+    template, mask, affine = load_mni152(2)
+    assert template.shape == mask.shape == (99, 117, 95) and affine[0, 0] == 2.0
+    assert 0.15 < float(mask.mean()) < 0.3 and 0.95 < template.max() <= 1.0  # resampled from a maximum of 1
+    np.testing.assert_array_equal(mask, template > 0.2)
+    brain, brain_mask = _load_template("mni152", None, 2)  # registration sees the template inside the brain only
+    assert tuple(brain.shape) == (1, 99, 117, 95)
+    assert float(brain[brain_mask == 0].abs().max()) == 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -211,9 +216,9 @@ def test_cohort_one_head_under_30_seconds(cohort):
 def test_registered_brain_mask_matches_mni(cohort):
     paths = case_outputs(cohort["output"], IXI_CASE)
     registered = np.asarray(nib.load(paths["brain_mask"]).dataobj)
-    _, mni_mask = load_mni152(2)
-    assert registered.shape == tuple(mni_mask.shape[1:])
-    assert dice(registered, mni_mask[0].numpy()) >= 0.90
+    _, mni_mask, _ = load_mni152(2)
+    assert registered.shape == mni_mask.shape
+    assert dice(registered, mni_mask) >= 0.90
 
 
 def test_output_intensities_in_unit_range_zero_outside_brain(cohort):
@@ -223,7 +228,7 @@ def test_output_intensities_in_unit_range_zero_outside_brain(cohort):
     assert image.min() >= 0.0 and image.max() <= 1.0
     assert np.all(image[~brain] == 0.0)
     assert image[brain].max() == pytest.approx(1.0) and np.median(image[brain]) > 0.2
-    np.testing.assert_allclose(nib.load(paths["image"]).affine, load_mni152(2)[0].affine.numpy(), atol=1e-5)
+    np.testing.assert_allclose(nib.load(paths["image"]).affine, load_mni152(2)[2], atol=1e-5)
 
 
 def test_log_rows_and_error_row_for_corrupt_file(cohort):

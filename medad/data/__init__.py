@@ -1,9 +1,10 @@
 """medad.data: everything that reads inputs: dataset layouts (MVTec AD, NIfTI folders), DICOM series, the volume
-readers (:mod:`medad.data.readers`), loading transforms and the embedded demo data."""
+readers (:mod:`medad.data.readers`), loading transforms, the MNI152 template and the embedded demo data."""
 
 from medad.data.dicom import DicomSeriesReader, find_dicom_series, read_dicom_series
-from medad.data.demo import DEMO_DEFECTS, MARKER_NAME, demo_root, load_mni152, make_demo_mri, make_demo_mvtec
+from medad.data.demo import DEMO_DEFECTS, MARKER_NAME, demo_root, make_demo_mri, make_demo_mvtec
 from medad.data.mvtec import IMAGE_EXTENSIONS, mvtec_datalist, split_train_val
+from medad.data.templates import load_mni152
 from medad.data.nifti import (
     BRAIN_MASK_SUFFIXES,
     MASK_SUFFIXES,
