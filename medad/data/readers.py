@@ -7,8 +7,8 @@
 - ``"auto"``: ``"itk"`` when the ``itk`` module is importable, else ``"sitk"``.
 
 Both give the same voxel array ``(X, Y, Z)`` (nibabel's index order), the same RAS ``affine`` (to 1e-5; ITK stores
-direction cosines in float64 while NIfTI stores a float32 matrix) and spacing (``tests/test_itk.py``). Only geometry
-leaves a reader: the meta data hold ``affine``, ``original_affine``, ``spatial_shape``, ``spacing``, ``space``,
+direction cosines in float64 while NIfTI stores a float32 matrix) and spacing (``tests/data/test_readers.py``). Only
+geometry leaves a reader: the meta data hold ``affine``, ``original_affine``, ``spatial_shape``, ``spacing``, ``space``,
 ``original_channel_dim`` and ``filename_or_obj``; no header field or DICOM tag (patient name, IDs, dates) is copied,
 so none can reach an output file or a log.
 """
