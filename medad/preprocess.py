@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from medad.io.readers import VOLUME_READERS, resolve_reader
+from medad.data.readers import VOLUME_READERS, resolve_reader
 from medad.transforms.mri import (
     DEFAULT_REGISTRATION_BACKEND,
     NORMALIZATION_MODES,
@@ -195,7 +195,7 @@ def preprocess_cohort(
         progress: show a tqdm progress bar.
         registration_backend: ``"ants"`` (ANTsPy), ``"elastix"`` (itk-elastix, ``pip install "medad[elastix]"``)
             or ``"auto"`` (elastix when installed, else ants); also used by ``skull_strip="atlas"``.
-        reader: volume reader, ``"auto"``, ``"itk"`` or ``"sitk"`` (:mod:`medad.io.readers`).
+        reader: volume reader, ``"auto"``, ``"itk"`` or ``"sitk"`` (:mod:`medad.data.readers`).
         shard: ``"K/N"``: only the K-th of N contiguous blocks of the sorted files (after ``limit``), logged to
             ``preprocess_log.shard-K-of-N.csv``; the shard that finishes last merges every shard's log into
             ``preprocess_log.csv`` (:mod:`medad.engine.shards`).

@@ -20,7 +20,7 @@ REGISTRATION_BACKENDS: tuple[str, ...] = ("ants", "elastix")
 #: ``auto``: elastix when itk-elastix is installed (as good and faster on 40 IXI heads, docs/results.md), else ants
 REGISTRATION_BACKEND_CHOICES: tuple[str, ...] = ("auto", *REGISTRATION_BACKENDS)
 DEFAULT_REGISTRATION_BACKEND = "auto"
-#: volume reading (:mod:`medad.io.readers`): MONAI's ITKReader, SimpleITK/nibabel, or ITK when importable
+#: volume reading (:mod:`medad.data.readers`): MONAI's ITKReader, SimpleITK/nibabel, or ITK when importable
 VOLUME_READERS: tuple[str, ...] = ("auto", "itk", "sitk")
 
 

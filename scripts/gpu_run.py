@@ -32,7 +32,7 @@ Results: ``summary.json`` and ``summary.md`` (per bundle: data, settings, steps,
 time, metrics, images/s; the FAIR speed table; the environment), ``gpu_run.log`` (everything printed), and
 ``runs/<bundle>/`` (``models/model.pt`` weights with calibration, ``eval/metrics.json``, logs; the resumable
 ``checkpoint.pt`` is deleted unless ``--keep_checkpoints``). Without CUDA it says so in one line and runs on the
-CPU at toy size (``--toy``: tiny networks, 2 steps, small demo data), which tests/test_gpu_script.py runs.
+CPU at toy size (``--toy``: tiny networks, 2 steps, small demo data), which tests/bundles/test_gpu_script.py runs.
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", default=None, help="write the per-case rows here")
     args = parser.parse_args(argv)
 
-    from medad.transforms.mri import load_mni152
+    from medad.data import load_mni152
 
-    template_mask = load_mni152(2)[1][0].numpy() > 0
+    template_mask = load_mni152(2)[1]
     rows = pd.concat([case_rows(Path(f), template_mask) for f in args.folders], ignore_index=True)
     print(summary(rows))
     if len(args.folders) == 2:  # paired per case

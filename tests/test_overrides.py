@@ -87,8 +87,8 @@ def test_save_maps_takes_only_its_choices_and_reaches_every_evaluator(workflow: 
 
 
 def test_arguments_a_component_leaves_at_default_are_valid_overrides():
-    typed = check_overrides(FAIR_TRAIN, {"training_step#margin": "0", "training_step#extension": "periodic"})
-    assert typed == {"training_step#margin": 0, "training_step#extension": "periodic"}
+    typed = check_overrides(FAIR_TRAIN, {"training_step#margin": "0", "high_frequency#extension": "periodic"})
+    assert typed == {"training_step#margin": 0, "high_frequency#extension": "periodic"}
     with pytest.raises(OverrideError, match="did you mean --training_step#margin"):
         check_overrides(FAIR_TRAIN, {"training_step#margn": "0"})
     with pytest.raises(OverrideError, match="takes an integer"):

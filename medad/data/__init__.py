@@ -1,7 +1,10 @@
-"""medad.data: dataset readers (MVTec AD layout, NIfTI folders), loading transforms, embedded demo data."""
+"""medad.data: everything that reads inputs: dataset layouts (MVTec AD, NIfTI folders), DICOM series, the volume
+readers (:mod:`medad.data.readers`), loading transforms, the MNI152 template and the embedded demo data."""
 
-from medad.data.demo import DEMO_DEFECTS, MARKER_NAME, demo_root, load_mni152, make_demo_mri, make_demo_mvtec
+from medad.data.dicom import DicomSeriesReader, find_dicom_series, read_dicom_series
+from medad.data.demo import DEMO_DEFECTS, MARKER_NAME, demo_root, make_demo_mri, make_demo_mvtec
 from medad.data.mvtec import IMAGE_EXTENSIONS, mvtec_datalist, split_train_val
+from medad.data.templates import load_mni152
 from medad.data.nifti import (
     BRAIN_MASK_SUFFIXES,
     MASK_SUFFIXES,
@@ -40,6 +43,7 @@ __all__ = [
     "clear_input_errors",
     "input_error",
     "DEMO_DEFECTS",
+    "DicomSeriesReader",
     "IMAGE_EXTENSIONS",
     "MARKER_NAME",
     "MASK_SUFFIXES",
@@ -50,6 +54,7 @@ __all__ = [
     "ScalePercentilesInMaskd",
     "ToChannelsd",
     "demo_root",
+    "find_dicom_series",
     "image_reader",
     "image_transforms",
     "load_mni152",
@@ -59,6 +64,7 @@ __all__ = [
     "nifti_datalist",
     "nifti_stem",
     "pil_converter",
+    "read_dicom_series",
     "split_train_val",
     "volume_transforms",
 ]

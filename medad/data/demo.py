@@ -9,7 +9,6 @@ already holds a complete set made with the same parameters (marker file ``.medad
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,13 +18,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medad.data.templates import load_mni152
+
 __all__ = [
     "DEMO_DEFECTS",
     "MARKER_NAME",
     "demo_root",
     "make_demo_mvtec",
     "make_demo_mri",
-    "load_mni152",
 ]
 
 MARKER_NAME = ".medad_demo.json"
@@ -296,34 +296,6 @@ def make_demo_mvtec(
 # --------------------------------------------------------------------------------------------
 # Brain MRI
 # --------------------------------------------------------------------------------------------
-
-_MNI_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def load_mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The MNI152 (ICBM 2009a) T1 template that ships with nilearn, at 1 mm.
-
-    Returns ``(template, brain_mask, affine)``: template float32 scaled to max 1 (as nilearn's
-    ``load_mni152_template``), brain mask = template > 0.2 (as ``load_mni152_brain_mask``), and the
-    voxel-to-RAS-mm affine. The file is read with nibabel from nilearn's package folder because
-    importing ``nilearn.datasets`` and its 2 mm resampling take several seconds; nothing is
-    downloaded.
-    """
-    import nibabel as nib
-
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the demo MRI needs the MNI152 template shipped with nilearn: pip install nilearn.")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / _MNI_FILE
-    if not path.is_file():
-        from nilearn.datasets import struct
-
-        path = Path(struct.MNI152_FILE_PATH)
-    image = nib.load(path)
-    template = np.asarray(image.dataobj, dtype=np.float32)
-    template /= template.max()
-    return template, template > 0.2, np.asarray(image.affine, dtype=np.float64)
-
 
 def _random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
     angles = np.radians(rng.uniform(-max_degrees, max_degrees, size=3))

@@ -13,7 +13,7 @@ image the exact match wins, then the longest base; a remaining tie is an error. 
 names end with a mask suffix are never taken as images, so masks may sit next to their images.
 
 A folder under ``image_dir`` (or ``image_dir`` itself) that holds DICOM files is one case, a DICOM series read with
-ITK or SimpleITK (the ``reader`` setting of :func:`volume_transforms`; :mod:`medad.io.readers`); its name is the name compared with the masks' bases, and the inference and
+ITK or SimpleITK (the ``reader`` setting of :func:`volume_transforms`; :mod:`medad.data.readers`); its name is the name compared with the masks' bases, and the inference and
 evaluation write DICOM Segmentation / Parametric Map files for it besides the NIfTI ones.
 """
 
@@ -126,7 +126,7 @@ def nifti_datalist(
         require_masks: raise when an image has no lesion mask (instead of ``mask=None``).
         check: read every file's header first (:func:`medad.data.validation.check_files`): unreadable files and
             singular / non-finite affines are reported together, before anything is computed.
-        dicom: also list the folders holding a DICOM series (:func:`medad.io.dicom.find_dicom_series`) as cases.
+        dicom: also list the folders holding a DICOM series (:func:`medad.data.dicom.find_dicom_series`) as cases.
 
     Returns:
         items sorted by path: ``{"image": str, "mask": str | None, "brain_mask": str | None,
@@ -143,7 +143,7 @@ def nifti_datalist(
         if p.is_file() and _strip_suffix(nifti_stem(p), not_images) is None
     ]
     if dicom:
-        from medad.io.dicom import find_dicom_series
+        from medad.data.dicom import find_dicom_series
 
         images += [(folder, folder.name) for folder in find_dicom_series(image_dir)]
     images.sort()
@@ -251,9 +251,9 @@ def volume_transforms(
         anti_aliasing: with ``pixdim``, low-pass the image before it is resampled to a coarser grid
             (:class:`medad.transforms.mri.GaussianAntiAliasd`, scikit-image's ``anti_aliasing`` rule).
         reader: ``"auto"`` (ITK when installed), ``"itk"`` (MONAI's ITKReader) or ``"sitk"`` (nibabel for NIfTI,
-            SimpleITK for DICOM series and NRRD); both give the same arrays and affines (:mod:`medad.io.readers`).
+            SimpleITK for DICOM series and NRRD); both give the same arrays and affines (:mod:`medad.data.readers`).
     """
-    from medad.io.readers import volume_reader
+    from medad.data.readers import volume_reader
 
     keys = [image_key, mask_key, brain_mask_key]
     volume_file_reader = volume_reader(reader)

@@ -219,8 +219,8 @@ def _warn_empty_masks(paths: Sequence[str]) -> None:
 class LoadInputd(LoadImaged):
     """``LoadImaged`` whose failures name the file: ``"<file>: not a readable image file (<reason>)."``.
 
-    A folder is read as a DICOM series by ``folder_reader`` (default :class:`medad.io.dicom.DicomSeriesReader`;
-    :func:`medad.io.readers.volume_reader` gives the ITK one), no patient data kept.
+    A folder is read as a DICOM series by ``folder_reader`` (default :class:`medad.data.dicom.DicomSeriesReader`;
+    :func:`medad.data.readers.volume_reader` gives the ITK one), no patient data kept.
     Same arguments as :class:`monai.transforms.LoadImaged` with ``image_only=True`` (meta data travel in the
     ``MetaTensor``); files are only read, never modified.
     """
@@ -238,7 +238,7 @@ class LoadInputd(LoadImaged):
             path = d[key]
             try:
                 if reader is None and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-                    from medad.io.dicom import DicomSeriesReader  # a folder is a DICOM series
+                    from medad.data.dicom import DicomSeriesReader  # a folder is a DICOM series
 
                     d[key] = self._loader(path, self.folder_reader or DicomSeriesReader())
                     continue

@@ -1,7 +1,8 @@
 """medad.diffusion: the Gaussian diffusion math shared by every method, written once and tested against closed forms.
 
 MONAI's ``DDPMScheduler.step`` assumes the previous timestep is ``t - 1`` and ``DiffusionInferer.get_likelihood``
-breaks with a learned variance, so strided partial-diffusion restoration and the KL pixel score live here.
+breaks with a learned variance, so strided partial-diffusion restoration and the KL pixel score live here, and so
+does DISYRE's synthetic-anomaly strength schedule built on the same ᾱ (:class:`SyntheticAnomalySchedule`).
 """
 
 from medad.diffusion.enums import LossType, ModelMeanType, ModelVarType, as_enum
@@ -13,12 +14,15 @@ from medad.diffusion.schedules import (
     get_named_beta_schedule,
     linear_beta_schedule,
 )
+from medad.diffusion.synthetic import CONDITIONINGS, SyntheticAnomalySchedule
 
 __all__ = [
+    "CONDITIONINGS",
     "GaussianDiffusion",
     "LossType",
     "ModelMeanType",
     "ModelVarType",
+    "SyntheticAnomalySchedule",
     "approx_standard_normal_cdf",
     "as_enum",
     "betas_for_alpha_bar",

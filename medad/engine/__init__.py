@@ -1,4 +1,7 @@
-"""Training loop, evaluator, checkpoints, data builders and DDP helpers shared by every bundle."""
+"""Training loop, LR schedules, evaluator, checkpoints, data builders and DDP helpers shared by every bundle.
+
+The training steps (what one batch costs) are the methods' own and live in :mod:`medad.methods`.
+"""
 
 from .builders import image_folder_loader, image_loaders, slice_training_transforms, volume_loaders
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
@@ -6,22 +9,32 @@ from .distributed import all_reduce_mean, barrier, init_distributed, is_distribu
 from .evaluator import AnomalyEvaluator, calibrate_thresholds
 from .export import export_torchscript, load_torchscript, read_calibration, weights_fingerprint
 from .grids import to_image_size, to_input_grid, to_native_space
-from .steps import DiffusionStep
 from .monitor import LearningMonitor
-from .schedules import MultiStepProgressLR, ProgressScheduler, WarmupCosineProgressLR, step_decay_schedule
-from .trainer import Trainer, TrainingInterrupted, warmup_cosine_schedule
+from .schedules import (
+    ExponentialStepProgressLR,
+    MultiStepProgressLR,
+    ProgressScheduler,
+    WarmupCosineProgressLR,
+    multi_step_schedule,
+    step_decay_schedule,
+    training_length,
+    warmup_cosine_schedule,
+)
+from .trainer import Trainer, TrainingInterrupted
 
 __all__ = [
     "AnomalyEvaluator",
     "CheckpointMismatchError",
-    "DiffusionStep",
+    "ExponentialStepProgressLR",
     "LearningMonitor",
     "MultiStepProgressLR",
     "ProgressScheduler",
     "Trainer",
     "TrainingInterrupted",
     "WarmupCosineProgressLR",
+    "multi_step_schedule",
     "step_decay_schedule",
+    "training_length",
     "all_reduce_mean",
     "barrier",
     "calibrate_thresholds",

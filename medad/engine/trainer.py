@@ -29,9 +29,9 @@ from .amp import autocast, check_amp
 from .checkpoint import load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import all_reduce_mean, barrier, is_distributed, is_main_process, unwrap
 from .random_state import capture_random_state, restore_random_state
-from .schedules import ProgressScheduler, warmup_cosine_schedule
+from .schedules import ProgressScheduler
 
-__all__ = ["Trainer", "TrainingInterrupted", "warmup_cosine_schedule"]
+__all__ = ["Trainer", "TrainingInterrupted"]
 
 logger = logging.getLogger("medad.train")
 

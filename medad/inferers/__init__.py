@@ -2,7 +2,7 @@
 
 from .base import AnomalyInferer, CountingNetwork, from_model_range, to_model_range
 from .baselines import GaussianScoreInferer, IntensityScoreInferer
-from .frequency import FrequencyRestorationInferer, high_frequency_input
+from .frequency import FrequencyRestorationInferer
 from .kl_scoring import KLScoringInferer, feature_distance_map, load_feature_extractor
 from .partial_diffusion import PartialDiffusionInferer
 from .slices import SliceAggregationInferer
@@ -23,7 +23,6 @@ __all__ = [
     "feature_distance_map",
     "from_model_range",
     "load_feature_extractor",
-    "high_frequency_input",
     "to_model_range",
 ]
 

@@ -11,7 +11,7 @@ from medad.scores import absolute_error_map
 from .base import AnomalyInferer
 
 if TYPE_CHECKING:
-    from medad.methods.disyre import SyntheticAnomalySchedule
+    from medad.diffusion import SyntheticAnomalySchedule
 
 __all__ = ["SyntheticRestorationInferer"]
 
@@ -44,7 +44,7 @@ class SyntheticRestorationInferer(AnomalyInferer):
     blending) and, for volumes, in :class:`~medad.inferers.SliceAggregationInferer`.
 
     Args:
-        schedule: the :class:`~medad.methods.disyre.SyntheticAnomalySchedule` the network was trained with.
+        schedule: the :class:`~medad.diffusion.SyntheticAnomalySchedule` the network was trained with.
         num_steps: network evaluations (paper: 5, i.e. a skip of 20 on T = 100).
         mode: ``"multi_step"`` (paper) or ``"single_step"``.
         sampling: ``"cold_diffusion"`` (default) or ``"naive"`` re-corruption between steps.

@@ -2,12 +2,12 @@
 
 NIfTI maps on the input image's grid, 3D Slicer segmentations (``.seg.nrrd``) and colour tables, DICOM
 Segmentation / Parametric Map for DICOM series inputs (highdicom), PNG overlays, per-case CSV/Parquet tables with a
-cohort summary and ROC/PR curves. Every writer is atomic (temporary file in
-the target folder, then rename), and no writer modifies its inputs.
+cohort summary and ROC/PR curves, a DICOM series converted to NIfTI. Every writer is atomic (temporary file in
+the target folder, then rename), and no writer modifies its inputs. Reading inputs is :mod:`medad.data`'s.
 """
 
 from medad.io.atomic import atomic_save, atomic_write, to_jsonable, write_json
-from medad.io.dicom import DicomSeriesReader, dicom_to_nifti, find_dicom_series, read_dicom_series
+from medad.io.dicom import dicom_to_nifti
 from medad.io.dicom_outputs import write_dicom_case
 from medad.io.case_outputs import ANOMALY_SEGMENT, compact_float, write_image_case, write_volume_case
 from medad.io.nifti import reference_grid, write_label_nifti, write_nifti_like
@@ -33,7 +33,6 @@ from medad.io.tables import (
 __all__ = [
     "ANOMALY_SEGMENT",
     "CASE_COLUMNS",
-    "DicomSeriesReader",
     "RAS_TO_LPS",
     "anomaly_extent",
     "atomic_save",
@@ -42,10 +41,8 @@ __all__ = [
     "compact_float",
     "cohort_summary",
     "dicom_to_nifti",
-    "find_dicom_series",
     "lps_affine_to_ras",
     "ras_affine_to_lps",
-    "read_dicom_series",
     "reference_grid",
     "save_overlay_png",
     "save_roc_pr_curves",

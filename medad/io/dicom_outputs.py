@@ -1,6 +1,6 @@
 """DICOM Segmentation and Parametric Map of a case whose input is a DICOM series (highdicom).
 
-For a case read from a folder holding one DICOM series (:class:`medad.io.dicom.DicomSeriesReader`), two DICOM
+For a case read from a folder holding one DICOM series (:class:`medad.data.dicom.DicomSeriesReader`), two DICOM
 objects are written beside its NIfTI / NRRD files, on the source series' grid, one frame per source slice::
 
     <case>_seg.dcm           Segmentation, BINARY, one segment "anomaly": the voxels of <case>_seg.nii.gz
@@ -131,9 +131,9 @@ def read_source_series(folder: PathLike, affine: np.ndarray, shape: Sequence[int
     """The source datasets (no pixel data) of the series in ``folder``, ordered by slice index ``k`` of the grid.
 
     Args:
-        folder: the case's input folder (one DICOM series; see :mod:`medad.io.dicom`).
+        folder: the case's input folder (one DICOM series; see :mod:`medad.data.dicom`).
         affine: 4x4 RAS affine of the grid the maps are written on (the series' own, from
-            :func:`medad.io.dicom.read_dicom_series`).
+            :func:`medad.data.dicom.read_dicom_series`).
         shape: ``(X, Y, Z)`` of that grid: X = columns, Y = rows, Z = slices.
 
     Raises:
@@ -142,7 +142,7 @@ def read_source_series(folder: PathLike, affine: np.ndarray, shape: Sequence[int
     """
     import pydicom
 
-    from medad.io.dicom import _series_files
+    from medad.data.dicom import _series_files
 
     folder = Path(folder)
     datasets = [pydicom.dcmread(name, stop_before_pixels=True) for name in _series_files(folder, None)]

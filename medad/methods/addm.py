@@ -29,7 +29,7 @@ from torch import nn
 
 from medad.diffusion import GaussianDiffusion
 from medad.engine.distributed import is_distributed
-from medad.engine.steps import DiffusionStep
+from medad.methods.ddpm import DiffusionStep
 
 __all__ = ["AdversarialDiffusionStep"]
 
@@ -72,7 +72,7 @@ class AdversarialDiffusionStep(DiffusionStep):
             ``"least_squares"`` or ``"hinge"``.
         discriminator_lr: learning rate of the default optimiser.
         clip_denoised: clamp x̂_0 to [-1, 1] inside the fake reverse step, as the test-time sampler does.
-        data_range / noise / simplex_kwargs / image_key: as :class:`~medad.engine.DiffusionStep`; ``noise`` is
+        data_range / noise / simplex_kwargs / image_key: as :class:`~medad.methods.DiffusionStep`; ``noise`` is
             the training noise (AnoDDPM trains with ``"simplex"`` to detect with it).
     """
 

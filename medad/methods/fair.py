@@ -3,18 +3,18 @@
 One training step: corrupt the normal image with FAIR's synthetic anomalies (50 % large CutPaste, 50 %
 Perlin-mask texture, each branch clean half of the time, the clean image itself rotated by up to ±90°
 with p = 0.3), convert to gray, high-pass it, restore the (colour) clean image with the UNet and
-minimise ``L2 + SSIM`` (paper eq. 7). The high-pass input is made by
-:func:`medad.inferers.frequency.high_frequency_input`, the very function the inferer uses.
+minimise ``L2 + SSIM`` (paper eq. 7). The high-pass input is made by a :class:`medad.transforms.HighFrequencyInput`,
+the very object the inferer uses.
 
 Deviations from the official code: the corruption runs on the batch in the training step (so any loader,
 including MRI slices, can feed it) instead of inside the dataset; the learning-rate decay ×0.2 at 80 % and
 90 % of training is a function of the trainer's progress, stepped per iteration (so it also decays under a time
-budget); the official code steps a MultiStepLR per epoch at the same fractions of its epochs.
+budget; :func:`medad.engine.multi_step_schedule` with ``fractions=(0.8, 0.9), gamma=0.2``); the official code steps a
+MultiStepLR per epoch at the same fractions of its epochs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -25,11 +25,10 @@ from monai.losses import SSIMLoss
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from medad.engine.schedules import MultiStepProgressLR
-from medad.inferers.frequency import extractor_channels, high_frequency_input, restore_from_high_frequency
 from medad.transforms.corruption import RandFairCorruptiond
+from medad.transforms.frequency import HighFrequencyInput
 
-__all__ = ["FairTrainingStep", "fair_lr_scheduler", "training_length"]
+__all__ = ["FairTrainingStep"]
 
 
 class FairTrainingStep(nn.Module):
@@ -38,15 +37,11 @@ class FairTrainingStep(nn.Module):
     ``x̂ = network(highpass(gray(corrupt(x))))``; ``x`` is the clean image (rotated where the corruption rotated it).
 
     Args:
-        filter_kind: ``"butterworth"`` (FAIR), ``"gaussian"``, ``"ideal"`` or ``"sobel"``.
-        cutoff: high-pass cutoff ``D0`` (FAIR: 30 for 256² images).
-        order: Butterworth order (FAIR: 2).
-        cutoff_reference_size: the image size ``cutoff`` refers to (256).
-        extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (official code),
-            see :func:`medad.inferers.frequency.high_frequency_input`; the inferer must use the same.
+        high_frequency: the network's input (:class:`~medad.transforms.HighFrequencyInput`; its ``channels`` are the
+            network's ``in_channels``); the inferer must use the same. Default ``HighFrequencyInput()``: FAIR's
+            Butterworth filter, ``D0 = 30`` on 256² images, order 2, symmetric border extension.
         margin: restore on a canvas mirror-padded by this many pixels (default 8, 0 = official; removes the
-            network's border rim, :func:`medad.inferers.frequency.restore_from_high_frequency`); the inferer must
-            use the same.
+            network's border rim, :meth:`medad.transforms.HighFrequencyInput.restore`); the inferer must use the same.
         corrupt: add FAIR's synthetic anomalies (False: a plain frequency-restoration autoencoder).
         texture_source: DTD-like texture folder, or None for the image's own texture (the paper's
             "no extra data" variant, Table 12).
@@ -66,11 +61,7 @@ class FairTrainingStep(nn.Module):
 
     def __init__(
         self,
-        filter_kind: str = "butterworth",
-        cutoff: float = 30.0,
-        order: int = 2,
-        cutoff_reference_size: int | None = 256,
-        extension: str = "symmetric",
+        high_frequency: HighFrequencyInput | None = None,
         margin: int = 8,
         corrupt: bool = True,
         texture_source: str | Path | None = None,
@@ -88,12 +79,7 @@ class FairTrainingStep(nn.Module):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        self.in_channels = extractor_channels(filter_kind)  # validates the extractor name
-        self.filter_kind = filter_kind
-        self.cutoff = float(cutoff)
-        self.order = int(order)
-        self.cutoff_reference_size = cutoff_reference_size
-        self.extension = extension
+        self.high_frequency = high_frequency if high_frequency is not None else HighFrequencyInput()
         self.margin = int(margin)
         self.image_key = image_key
         self.corrupted_key = corrupted_key
@@ -127,12 +113,6 @@ class FairTrainingStep(nn.Module):
             corrupted.append(convert_to_tensor(out[self.corrupted_key], track_meta=False))
         return torch.stack(targets).to(images), torch.stack(corrupted).to(images)
 
-    def network_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Gray + high-pass (or Sobel) of ``(B, C, H, W)`` images: the restoration network's input."""
-        return high_frequency_input(
-            images, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension
-        )
-
     def forward(self, network: Callable[..., torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """One batch -> ``{"loss", "l2", "ssim"}`` (scalars; ``loss`` carries the gradient)."""
         images = convert_to_tensor(batch[self.image_key], track_meta=False).float()
@@ -141,10 +121,7 @@ class FairTrainingStep(nn.Module):
         else:
             with torch.no_grad():
                 targets, corrupted = self.corrupt_batch(images)
-        restoration = restore_from_high_frequency(
-            network, corrupted, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension,
-            self.margin,
-        )
+        restoration = self.high_frequency.restore(network, corrupted, self.margin)
         if restoration.shape != targets.shape:
             raise ValueError(
                 f"fair.py: the network restored shape {tuple(restoration.shape)} for images of shape "
@@ -154,38 +131,3 @@ class FairTrainingStep(nn.Module):
         ssim = self.ssim(restoration, targets)
         return {"loss": l2 + self.ssim_weight * ssim, "l2": l2.detach(), "ssim": ssim.detach()}
 
-
-def training_length(
-    max_steps: int | None = None, max_epochs: int | None = None, steps_per_epoch: int | None = None
-) -> int:
-    """Optimiser steps the :class:`~medad.engine.Trainer` will take: the first of ``max_steps`` and
-    ``max_epochs · steps_per_epoch`` to be reached."""
-    bounds = [math.inf]
-    if max_steps is not None:
-        bounds.append(int(max_steps))
-    if max_epochs is not None:
-        if steps_per_epoch is None:
-            raise ValueError("fair.py: max_epochs needs steps_per_epoch (the length of the training loader).")
-        bounds.append(int(max_epochs) * int(steps_per_epoch))
-    total = min(bounds)
-    if total == math.inf:
-        raise ValueError("fair.py: give max_steps or max_epochs to size the learning-rate schedule.")
-    return int(total)
-
-
-def fair_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    max_steps: int | None = None,
-    max_epochs: int | None = None,
-    steps_per_epoch: int | None = None,
-    fractions: Sequence[float] = (0.8, 0.9),
-    gamma: float = 0.2,
-) -> MultiStepProgressLR:
-    """FAIR's schedule: learning rate ×``gamma`` after ``fractions`` of training, stepped every iteration.
-
-    The fractions are of the training *progress* that :class:`~medad.engine.Trainer` reports (steps, epochs or
-    ``max_minutes``, whichever ends training first), so a time-budgeted run decays too. Outside a trainer the
-    milestones are ``f · total_steps`` with ``total_steps`` from :func:`training_length`.
-    """
-    total = training_length(max_steps, max_epochs, steps_per_epoch) if max_steps or max_epochs else None
-    return MultiStepProgressLR(optimizer, fractions, gamma, total_steps=total)

@@ -1,4 +1,5 @@
-"""MONAI dictionary transforms: frequency filters, synthetic-anomaly corruptions, MRI preprocessing."""
+"""MONAI dictionary transforms (synthetic-anomaly corruptions, MRI preprocessing) and FAIR's frequency filters with its
+high-frequency network input (:class:`HighFrequencyInput`)."""
 
 from . import mri
 
@@ -10,7 +11,6 @@ from .mri import (
     REGISTRATION_RECORD_NAME,
     load_volume,
     save_volume,
-    load_mni152,
     metatensor_to_ants,
     ants_to_metatensor,
     metatensor_to_sitk,
@@ -26,8 +26,8 @@ from .mri import (
 )
 from .slices import RandBrainSlicesd
 from .frequency import (
-    HighPassd,
-    SobelGradientsd,
+    EXTRACTORS,
+    HighFrequencyInput,
     butterworth_highpass_filter,
     gaussian_highpass_filter,
     highpass,
@@ -37,7 +37,8 @@ from .frequency import (
 )
 
 __all__ = [
-    "HighPassd",
+    "EXTRACTORS",
+    "HighFrequencyInput",
     "N4BiasCorrectiond",
     "NORMALIZATION_MODES",
     "NormalizeIntensityInBraind",
@@ -51,7 +52,6 @@ __all__ = [
     "ReorientToCanonicald",
     "SKULL_STRIP_BACKENDS",
     "SkullStripd",
-    "SobelGradientsd",
     "ants_to_metatensor",
     "apply_forward_transform",
     "apply_inverse_transform",
@@ -60,7 +60,6 @@ __all__ = [
     "gaussian_highpass_filter",
     "highpass",
     "ideal_highpass_filter",
-    "load_mni152",
     "load_registration_record",
     "load_volume",
     "metatensor_to_ants",

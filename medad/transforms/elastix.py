@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from medad.data.dicom import sitk_ras_affine
+
 if TYPE_CHECKING:  # imported lazily: `import itk` with elastix takes seconds
     import SimpleITK as sitk
 
@@ -118,8 +120,6 @@ def metatensor_to_itk(volume: torch.Tensor | np.ndarray, affine: np.ndarray | No
 def sitk_to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> MetaTensor:
     """A 3D SimpleITK image (LPS) as a ``(1, X, Y, Z)`` ``MetaTensor`` with a RAS affine."""
     import SimpleITK as sitk
-
-    from medad.io.dicom import sitk_ras_affine
 
     array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
     return MetaTensor(torch.from_numpy(array)[None].to(dtype), affine=torch.from_numpy(sitk_ras_affine(image)))

@@ -1,4 +1,5 @@
-"""Frequency-domain high-pass filters and image gradients: the inputs of FAIR (seed 002).
+"""Frequency-domain high-pass filters and image gradients: the inputs of FAIR (seed 002), made by
+:class:`HighFrequencyInput`.
 
 FAIR restores an image from its high-frequency part: the grayscale image goes through
 ``fft2 -> fftshift -> multiply by a high-pass transfer function H -> ifftshift -> ifft2 -> real``
@@ -27,17 +28,16 @@ physical frequency either way (cycles per image side).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 
 from medad.scores.color import to_grayscale
 
 __all__ = [
     "FILTER_KINDS",
+    "EXTRACTORS",
     "EXTENSIONS",
     "symmetric_extension",
     "frequency_distance",
@@ -48,11 +48,12 @@ __all__ = [
     "highpass",
     "to_grayscale",
     "sobel_gradients",
-    "HighPassd",
-    "SobelGradientsd",
+    "HighFrequencyInput",
 ]
 
 FILTER_KINDS = ("butterworth", "gaussian", "ideal")
+#: high-frequency extractors of :class:`HighFrequencyInput`: the Fourier high-pass filters and the Sobel gradients.
+EXTRACTORS = (*FILTER_KINDS, "sobel")
 #: how the image is extended beyond its borders by the Fourier filter (see the module docstring).
 EXTENSIONS = ("symmetric", "periodic")
 
@@ -213,93 +214,77 @@ def sobel_gradients(image: torch.Tensor) -> torch.Tensor:
     return torch.cat(grads, dim=1)
 
 
-class HighPassd(MapTransform):
-    """Dictionary transform writing the high-pass filtered image under ``output_key`` (FAIR's network input).
+class HighFrequencyInput:
+    """FAIR's network input: gray image -> high-pass (paper eqs. 1-6) or Sobel gradients (eq. 12).
 
-    Works on one channel-first sample ``(C, *spatial)`` as MONAI dictionary transforms do.
+    One object is configured once and handed to the training step (:class:`medad.methods.FairTrainingStep`), the
+    inferer (:class:`medad.inferers.FrequencyRestorationInferer`) and the network's ``in_channels``
+    (:attr:`channels`), so training and inference can never disagree on the input or its border handling.
 
     Args:
-        keys: the image key(s) to filter.
-        output_key: key the result is written to (default ``"highpass"``); with several keys the
-            outputs are written to ``f"{key}_{output_key}"``.
-        kind: ``"butterworth"``, ``"gaussian"`` or ``"ideal"``.
-        cutoff: ``D0`` (default 30, for a 256-long axis).
-        order: Butterworth order (default 2).
-        grayscale: convert RGB to gray first (FAIR does; default True).
-        cutoff_reference_size: see the module docstring (default 256).
-        extension: ``"symmetric"`` (default) or ``"periodic"`` border handling, see :func:`highpass`.
-        allow_missing_keys: don't raise if a key is missing.
+        filter_kind: ``"butterworth"`` (FAIR), ``"gaussian"``, ``"ideal"`` (Fourier high-pass filters) or
+            ``"sobel"`` (the spatial ``(Gx, Gy)`` gradients, 2D only); see :data:`EXTRACTORS`.
+        cutoff: ``D0`` for a ``cutoff_reference_size``-long axis (FAIR: 30 on 256² images; see the module docstring).
+        order: Butterworth order ``n`` (FAIR: 2).
+        cutoff_reference_size: the image size ``cutoff`` is meant for (256 in the paper); smaller images keep the same
+            relative cutoff; None: raw frequency-index units.
+        extension: Fourier filter border handling, ``"symmetric"`` (default) or ``"periodic"`` (FAIR's code), see
+            :func:`highpass`.
     """
 
     def __init__(
         self,
-        keys: KeysCollection,
-        output_key: str = "highpass",
-        kind: str = "butterworth",
+        filter_kind: str = "butterworth",
         cutoff: float = 30.0,
         order: int = 2,
-        grayscale: bool = True,
         cutoff_reference_size: int | None = 256,
         extension: str = "symmetric",
-        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if kind not in FILTER_KINDS:
-            raise ValueError(f"frequency.py: unknown high-pass filter kind {kind!r}; use one of {FILTER_KINDS}.")
-        self.output_key = output_key
-        self.kind = kind
-        self.cutoff = cutoff
-        self.order = order
-        self.grayscale = grayscale
-        self.cutoff_reference_size = cutoff_reference_size
+        if filter_kind not in EXTRACTORS:
+            raise ValueError(f"unknown high-frequency extractor {filter_kind!r}; use one of {EXTRACTORS}.")
         if extension not in EXTENSIONS:
-            raise ValueError(f"frequency.py: unknown Fourier-filter extension {extension!r}; use one of {EXTENSIONS}.")
+            raise ValueError(f"unknown Fourier-filter extension {extension!r}; use one of {EXTENSIONS}.")
+        self.filter_kind = filter_kind
+        self.cutoff = float(cutoff)
+        self.order = int(order)
+        self.cutoff_reference_size = cutoff_reference_size
         self.extension = extension
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        for key in keys:
-            image = torch.as_tensor(d[key])[None].float()
-            if self.grayscale:
-                image = to_grayscale(image)
-            out_key = self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"
-            d[out_key] = highpass(
-                image, self.kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension
-            )[0]
-        return d
+    @property
+    def channels(self) -> int:
+        """Channels of the input it makes (the network's ``in_channels``): 2 for ``"sobel"`` (Gx, Gy), else 1."""
+        return 2 if self.filter_kind == "sobel" else 1
 
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial)`` images (C = 1 gray or 3 RGB, values in [0, 1]) -> ``(B, 1, *spatial)``, or
+        ``(B, 2, H, W)`` for ``"sobel"``."""
+        gray = to_grayscale(images.float())
+        if self.filter_kind == "sobel":
+            return sobel_gradients(gray)
+        return highpass(gray, self.filter_kind, self.cutoff, self.order, self.cutoff_reference_size, self.extension)
 
-class SobelGradientsd(MapTransform):
-    """Dictionary transform writing Sobel ``(Gx, Gy)`` of a 2D sample ``(C, H, W)`` under ``output_key``.
+    def restore(self, network: Callable[..., torch.Tensor], images: torch.Tensor, margin: int = 0) -> torch.Tensor:
+        """``network(self(images))``, optionally on a mirror-padded canvas cropped back.
 
-    Args:
-        keys: the image key(s).
-        output_key: key the ``(2, H, W)`` (gray) or ``(2C, H, W)`` result is written to (default
-            ``"gradients"``; ``f"{key}_{output_key}"`` with several keys).
-        grayscale: convert RGB to gray first (FAIR does; default True).
-        allow_missing_keys: don't raise if a key is missing.
-    """
+        With ``margin > 0`` the images are reflect-padded by ``margin`` pixels on every side before the high-pass and
+        the network, and the restoration is cropped back: the image's border pixels are then restored with context
+        on both sides, away from the zero padding of the network's convolutions. Training and inference call this one
+        method, so the network learns with the same canvas it is used with. ``2 * margin`` must keep the size
+        divisible by the network's ``2 ** (levels - 1)``.
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        output_key: str = "gradients",
-        grayscale: bool = True,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.output_key = output_key
-        self.grayscale = grayscale
+        Returns:
+            ``(B, out_channels, *spatial)``, the spatial size of ``images``.
+        """
+        spatial = images.shape[2:]
+        if margin > 0:
+            if any(margin >= s for s in spatial):
+                raise ValueError(f"the border margin {margin} must be smaller than the image size {tuple(spatial)}.")
+            images = F.pad(images, (margin,) * (2 * len(spatial)), mode="reflect")
+        restoration = network(self(images))
+        if margin > 0:
+            restoration = restoration[(..., *(slice(margin, margin + s) for s in spatial))]
+        return restoration
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        for key in keys:
-            image = torch.as_tensor(d[key])[None].float()
-            if self.grayscale:
-                image = to_grayscale(image)
-            out_key = self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"
-            d[out_key] = sobel_gradients(image)[0]
-        return d
-
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(filter_kind={self.filter_kind!r}, cutoff={self.cutoff}, order={self.order}, "
+                f"cutoff_reference_size={self.cutoff_reference_size}, extension={self.extension!r})")

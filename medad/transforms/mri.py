@@ -29,7 +29,6 @@ anomaly maps can later be put back onto the original patient grid with :func:`ap
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import io
 import json
@@ -52,6 +51,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation
 from scipy import ndimage
 
+from medad.data.templates import load_mni152
+
 if TYPE_CHECKING:  # ANTsPy and SimpleITK are imported lazily: `import ants` alone takes seconds.
     import ants
     import SimpleITK as sitk
@@ -64,7 +65,6 @@ __all__ = [
     "REGISTRATION_RECORD_NAME",
     "load_volume",
     "save_volume",
-    "load_mni152",
     "metatensor_to_ants",
     "ants_to_metatensor",
     "metatensor_to_sitk",
@@ -112,13 +112,13 @@ def load_volume(path: str | os.PathLike, reader: str = "auto") -> MetaTensor:
     Args:
         path: a NIfTI file, any other file ITK/SimpleITK reads (NRRD, MetaImage), or a DICOM series folder.
         reader: ``"auto"``, ``"itk"`` (MONAI's ITKReader) or ``"sitk"`` (nibabel / SimpleITK), see
-            :mod:`medad.io.readers`; both give the same array and affine.
+            :mod:`medad.data.readers`; both give the same array and affine.
 
     A 4D file is accepted only when its 4th dimension has length 1. Raises ``ValueError`` with one
     sentence naming the file and the problem otherwise (unreadable, wrong dimensionality, empty,
     non-finite values).
     """
-    from medad.io.readers import read_volume, resolve_reader
+    from medad.data.readers import read_volume, resolve_reader
 
     path = Path(path)
     resolve_reader(reader)  # a wrong setting or a missing package is not the file's fault
@@ -242,24 +242,11 @@ def _like(reference: torch.Tensor, array: np.ndarray, affine: np.ndarray | None 
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None].to(dtype), meta=meta)
 
 
-@functools.lru_cache(maxsize=4)
-def _mni152_arrays(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from nilearn import datasets  # the 2009 template and its mask ship inside the nilearn wheel
-
-    template = datasets.load_mni152_template(resolution=resolution)
-    mask = datasets.load_mni152_brain_mask(resolution=resolution)
-    return (np.asarray(template.get_fdata(), dtype=np.float32), np.asarray(mask.get_fdata()) > 0,
-            np.asarray(template.affine, dtype=np.float64))
-
-
-def load_mni152(resolution: int = 2) -> tuple[MetaTensor, MetaTensor]:
-    """The nilearn MNI152 2009 T1 template (already skull-stripped) and its brain mask, offline.
-
-    Returns ``(template, brain_mask)``, each ``(1, X, Y, Z)`` with the template's RAS affine
-    (``(1, 99, 117, 95)`` at 2 mm). The template is multiplied by the mask so that nothing outside
-    the brain takes part in brain-to-brain registration.
-    """
-    template, mask, affine = _mni152_arrays(int(resolution))
+def _mni152_template(resolution: int) -> tuple[MetaTensor, MetaTensor]:
+    """The MNI152 template (:func:`medad.data.load_mni152`) as registration uses it: ``(template · brain_mask,
+    brain_mask)``, each ``(1, X, Y, Z)`` with the template's RAS affine, so that nothing outside the brain takes part
+    in brain-to-brain registration."""
+    template, mask, affine = load_mni152(resolution)
     t = MetaTensor(torch.from_numpy(template * mask)[None], affine=torch.from_numpy(affine.copy()))
     m = MetaTensor(torch.from_numpy(mask.astype(np.float32))[None], affine=torch.from_numpy(affine.copy()))
     return t, m
@@ -268,7 +255,7 @@ def load_mni152(resolution: int = 2) -> tuple[MetaTensor, MetaTensor]:
 def _load_template(template: str | os.PathLike, template_mask: str | os.PathLike | None,
                    resolution: int) -> tuple[MetaTensor, MetaTensor]:
     if str(template).lower() == "mni152":
-        return load_mni152(resolution)
+        return _mni152_template(int(resolution))
     image = load_volume(template)
     if template_mask is None:
         raise ValueError(f"{template}: a custom template needs its brain mask (template_mask=...).")

@@ -1,0 +1,83 @@
+"""Loader builders (medad.engine.builders) on MRI: DISYRE's official training augmentation moves image and mask
+together, and a test volume outside the training space is named in a warning (issue #11 items 3 and 7).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from medad.engine.builders import slice_training_transforms, volume_loaders
+from medad.transforms.mri import (
+    CheckBrainGeometryd,
+    brain_geometry,
+    brain_geometry_range,
+)
+
+
+def _save(path: Path, array: np.ndarray, spacing: float = 1.0) -> str:
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([spacing, spacing, spacing, 1.0])), str(path))
+    return str(path)
+
+
+def _ball(shape: int, radius: float) -> np.ndarray:
+    grid = np.indices((shape,) * 3) - (shape - 1) / 2
+    return ((grid**2).sum(0) <= radius**2).astype(np.float32)
+
+
+def test_official_augmentation_moves_image_and_mask_together():
+    torch.manual_seed(0)
+    brain = torch.from_numpy(_ball(32, 12))[None]
+    image = brain * 0.7
+    sample = {"image": image, "brain_mask": brain.clone()}
+    plain = slice_training_transforms(4, (24, 24), 8)
+    augmented = slice_training_transforms(4, (24, 24), 8, augment=True)
+    from monai.transforms import Compose
+
+    aug = Compose(augmented)
+    aug.set_random_state(seed=1)
+    outs = [o for _ in range(20) for o in aug(sample)]
+    ref = Compose(plain)(sample)
+    assert all(o["image"].shape == ref[0]["image"].shape == (1, 24, 24) for o in outs)
+    assert all(set(torch.unique(o["brain_mask"]).tolist()) <= {0.0, 1.0} for o in outs)
+    assert all(0.0 <= float(o["image"].min()) and float(o["image"].max()) <= 1.0 for o in outs)
+    # spatial transforms go to both: the bright brain stays where the mask is
+    ious = []
+    for o in outs:
+        inside, bright = o["brain_mask"][0] > 0, o["image"][0] > 0.35
+        ious.append(float((inside & bright).sum()) / max(1.0, float((inside | bright).sum())))
+    assert np.mean(ious) > 0.8
+    # ... and something did change (intensity or geometry), compared with the plain crops of a 0.7-valued ball
+    assert any(not torch.allclose(o["image"][o["brain_mask"] > 0], torch.tensor(0.7)) for o in outs)
+
+
+def test_test_volume_outside_the_training_space_is_named_in_a_warning(tmp_path):
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    for i, radius in enumerate((10.0, 10.3, 10.6)):
+        ball = _ball(28, radius)
+        _save(train / f"h{i}.nii.gz", ball * (0.5 + 0.1 * i))
+    _save(test / "same_space.nii.gz", _ball(28, 10.2) * 0.6)
+    _save(test / "other_pipeline.nii.gz", _ball(28, 10.2) * 0.6, spacing=1.15)  # 15 % larger in every direction
+
+    loaders = volume_loaders(train, test_dir=test, intensity=None, slices_per_volume=2, batch_size=2,
+                             val_fraction=0.34, cache=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases = {Path(b["image"].meta["filename_or_obj"][0]).name: b for b in loaders["test"]}
+    assert set(cases) == {"same_space.nii.gz", "other_pipeline.nii.gz"}
+    messages = [str(w.message) for w in caught if "medad preprocess" in str(w.message)]
+    assert len(messages) == 1
+    assert "other_pipeline.nii.gz" in messages[0] and "brain volume" in messages[0]
+
+    reference = brain_geometry_range([{"image": str(p)} for p in sorted(train.iterdir())])
+    assert reference["num_cases"] == 3
+    check = CheckBrainGeometryd("brain_mask", reference, tolerance=0.1)
+    assert check.problems(brain_geometry(_ball(28, 10.2), np.eye(4))) == []
+    assert [p.split()[0] for p in check.problems(brain_geometry(_ball(28, 10.2), np.diag([1.15] * 3 + [1])))] == ["brain"]
+    assert len(check.problems(brain_geometry(_ball(28, 10.2), np.diag([1.3] * 3 + [1])))) == 4  # volume + 3 extents

@@ -1,0 +1,65 @@
+"""SliceAggregationInferer: the brain mask handed to the window inferer, and the fast path (channels-last,
+inference mode, large slice batches) keeping the maps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medad.inferers import SliceAggregationInferer, SlidingWindowAnomalyInferer
+from medad.inferers.base import AnomalyInferer
+from medad.networks import AnomalyUNet
+
+
+class _ConstantMap(AnomalyInferer):
+    """Map of ones, restoration = input: shows where the wrappers keep or zero the map."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        return {"anomaly_map": torch.ones_like(inputs[:, :1]), "restoration": inputs}
+
+
+def test_slice_inferer_hands_the_brain_mask_to_the_window_inferer():
+    volume = torch.rand(1, 1, 16, 20, 6) + 0.5  # a head that is not skull-stripped: "input > 0" everywhere
+    brain = torch.zeros(1, 1, 16, 20, 6)
+    brain[:, :, 4:12, 5:15, 1:5] = 1
+    window = SlidingWindowAnomalyInferer(_ConstantMap(), roi_size=(8, 8), overlap=0.5, foreground_weighting=True)
+    inferer = SliceAggregationInferer(window, spatial_dim=2, size_divisor=4)
+    guessed = inferer(volume, network=None)["anomaly_map"]
+    assert (guessed > 0).all()  # without the mask every voxel is foreground
+    out = inferer(volume, network=None, foreground=brain)["anomaly_map"]
+    assert out.shape == volume.shape
+    assert (out[brain == 0] == 0).all()
+    assert (out[brain > 0] > 0).all()
+    with pytest.raises(ValueError, match="brain mask"):
+        inferer(volume, network=None, foreground=brain[..., :3])
+
+
+def tiny_unet(**kwargs) -> AnomalyUNet:
+    torch.manual_seed(0)
+    net = AnomalyUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), num_res_blocks=1,
+                      attention_levels=(False, False), norm_num_groups=8, with_timestep=False, **kwargs)
+    for p in net.parameters():  # a non-trivial function (the output layer starts at zero)
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+class ResidualInferer(AnomalyInferer):
+    """|x - net(x)| and net(x): a deterministic restoration inferer."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        restoration = network(inputs)
+        return {"anomaly_map": (inputs - restoration).abs().mean(dim=1, keepdim=True), "restoration": restoration}
+
+
+def test_channels_last_and_inference_mode_keep_the_maps():
+    net = tiny_unet()
+    volume = torch.rand(1, 1, 20, 18, 6)
+    volume[..., 0] = 0  # an empty slice is skipped either way
+    plain = SliceAggregationInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24)), size_divisor=2)
+    fast = SliceAggregationInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24), whole_image=True),
+                        size_divisor=2, channels_last=True, inference_mode=True, slice_batch_size=64)
+    expected = plain(volume, net)
+    got = fast(volume, net)
+    torch.testing.assert_close(got["anomaly_map"], expected["anomaly_map"], atol=1e-5, rtol=1e-4)
+    assert net.conv_out.weight.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,73 @@
+"""SlidingWindowAnomalyInferer: foreground weighting (DISYRE's blend) and whole-image inference equal to one window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medad.inferers import AnomalyInferer, SlidingWindowAnomalyInferer
+from medad.networks import AnomalyUNet
+
+
+class OnesMap(AnomalyInferer):
+    def __call__(self, inputs, network, *args, **kwargs):
+        return {"anomaly_map": torch.ones_like(inputs[:, :1]), "restoration": inputs.clone()}
+
+
+def test_foreground_weighting_damps_patches_that_are_mostly_background():
+    image = torch.zeros(1, 1, 64, 64)
+    image[..., :32] = 0.5  # foreground: the left half
+    kwargs = {"roi_size": (32, 32), "overlap": 0.75, "mode": "gaussian", "sigma_scale": 0.125}
+    official = SlidingWindowAnomalyInferer(OnesMap(), normalize_foreground_weight=False, **kwargs)(image, None)
+    averaged = SlidingWindowAnomalyInferer(OnesMap(), **kwargs)(image, None)
+    plain = SlidingWindowAnomalyInferer(OnesMap(), foreground_weighting=False, **kwargs)(image, None)
+    assert (official["anomaly_map"][..., 32:] == 0).all()  # background stays zero
+    torch.testing.assert_close(averaged["anomaly_map"][..., :32], torch.ones(1, 1, 64, 32))
+    torch.testing.assert_close(plain["anomaly_map"][..., :32], torch.ones(1, 1, 64, 32))
+    torch.testing.assert_close(official["restoration"], image)  # only the map is weighted
+    # DISYRE: Σ w·f / Σ w over the windows (corners 0, 8, ..., 32), foreground fractions 1, 3/4, ..., 0 by column
+    from monai.data.utils import compute_importance_map
+
+    weights = compute_importance_map((32, 32), mode="gaussian", sigma_scale=0.125).double()
+    starts = range(0, 33, 8)  # window corners along each axis (64 = 32 + 4 · 8)
+    fractions = {s: max(0, 32 - s) / 32 for s in starts}
+    expected = []
+    for col in range(32):
+        windows = [(r, c) for r in starts for c in starts if r <= 20 < r + 32 and c <= col < c + 32]
+        numerator = sum(weights[20 - r, col - c] * fractions[c] for r, c in windows)
+        expected.append(numerator / sum(weights[20 - r, col - c] for r, c in windows))
+    row = official["anomaly_map"][0, 0, 20, :32].double()
+    torch.testing.assert_close(row, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert row[0] == pytest.approx(1.0) and row[31] < 0.8
+
+
+def tiny_unet(**kwargs) -> AnomalyUNet:
+    torch.manual_seed(0)
+    net = AnomalyUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), num_res_blocks=1,
+                      attention_levels=(False, False), norm_num_groups=8, with_timestep=False, **kwargs)
+    for p in net.parameters():  # a non-trivial function (the output layer starts at zero)
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+class ResidualInferer(AnomalyInferer):
+    """|x - net(x)| and net(x): a deterministic restoration inferer."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        restoration = network(inputs)
+        return {"anomaly_map": (inputs - restoration).abs().mean(dim=1, keepdim=True), "restoration": restoration}
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_whole_image_equals_the_one_window_blend(normalize: bool):
+    net = tiny_unet()
+    x = torch.rand(3, 1, 24, 28)
+    fg = (torch.rand(3, 1, 24, 28) > 0.3).float()
+    kwargs = dict(roi_size=(32, 32), normalize_foreground_weight=normalize, foreground_weighting=True)
+    windows = SlidingWindowAnomalyInferer(ResidualInferer(), **kwargs)
+    whole = SlidingWindowAnomalyInferer(ResidualInferer(), whole_image=True, **kwargs)
+    with torch.no_grad():
+        expected, got = windows(x, net, foreground=fg), whole(x, net, foreground=fg)
+    torch.testing.assert_close(got["anomaly_map"], expected["anomaly_map"], atol=1e-6, rtol=1e-5)
+    if normalize:
+        torch.testing.assert_close(got["restoration"], expected["restoration"], atol=1e-6, rtol=1e-5)
