@@ -328,7 +328,8 @@ def export(
         config: the bundle folder or name.
         ckpt_file: the checkpoint (default ``<run_dir or bundle>/models/model.pt``).
         filepath: the exported file (default: ``model.ts`` / ``model.pt2`` / ``model.onnx`` beside the checkpoint).
-        format: ``"torchscript"`` (``monai.bundle ckpt_export``; deprecated by PyTorch but kept working),
+        format: ``"torchscript"`` (deprecated by PyTorch but kept working; the same file stock
+            ``monai.bundle ckpt_export`` writes),
             ``"pt2"`` (``torch.export``) or ``"onnx"`` (dynamo-based ``torch.onnx.export``, run by onnxruntime).
             ``.pt2`` and ``.onnx`` keep batch and image sizes free; any of the three runs in the inference
             workflow as ``--ckpt_path <file>``.
@@ -345,31 +346,16 @@ def export(
     override.update({"bundle_root": str(bundle), "ckpt_path": ckpt_file})
     configs, stored = _workflow_files(bundle, "inference", override.pop("data", None), [], override)
     override.update(stored)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(override)
+    writer = {"torchscript": formats.export_torchscript, "pt2": formats.export_program, "onnx": formats.export_onnx}
     meta_file = bundle / "configs" / "metadata.json"
-    if format == "torchscript":
-        import tempfile
-
-        from monai.bundle import ConfigParser, ckpt_export
-
-        with tempfile.TemporaryDirectory() as folder:  # ckpt_export stores every config file by name: merge them
-            merged = Path(folder) / "inference.json"
-            ConfigParser.export_config_file(ConfigParser.load_config_files(configs), str(merged), indent=4)
-            configs = [str(merged)]
-            if formats.calibration_path(ckpt_file).is_file():
-                configs.append(str(formats.calibration_path(ckpt_file)))
-            with formats.quiet_torchscript():
-                ckpt_export(net_id="network_def", filepath=filepath, ckpt_file=ckpt_file, meta_file=str(meta_file),
-                            config_file=configs, key_in_ckpt="network", **override)
-    else:
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(configs)
-        parser.update(override)
-        writer = formats.export_program if format == "pt2" else formats.export_onnx
-        metadata = ConfigParser.load_config_file(str(meta_file)) if meta_file.is_file() else None
-        writer(parser.get_parsed_content("network_def"), ckpt_file, filepath, bundle=parser.get("bundle_name"),
-               metadata=metadata, config_files=configs)
+    metadata = ConfigParser.load_config_file(str(meta_file)) if meta_file.is_file() else None
+    writer[format](parser.get_parsed_content("network_def"), ckpt_file, filepath, bundle=parser.get("bundle_name"),
+                   metadata=metadata, config=parser.get())
     print(f"medad export: {ckpt_file} -> {filepath}", flush=True)
     return filepath
 

@@ -40,6 +40,7 @@ from .checkpoint import CheckpointMismatchError
 __all__ = [
     "CALIBRATION_FILE",
     "CALIBRATION_KEY",
+    "CONFIG_FILE",
     "EXPORT_FORMATS",
     "ExportedNetwork",
     "OnnxNetwork",
@@ -67,6 +68,8 @@ logger = logging.getLogger("medad.export")
 CALIBRATION_FILE = "calibration.json"
 #: Top-level key of that file (a bundle config key no bundle uses for anything else).
 CALIBRATION_KEY = "medad_calibration"
+#: Name of the merged inference config inside an exported file (what ``ckpt_export`` calls its config file).
+CONFIG_FILE = "inference.json"
 #: ``medad export --format`` -> file suffix.
 EXPORT_FORMATS: dict[str, str] = {"torchscript": ".ts", "pt2": ".pt2", "onnx": ".onnx"}
 
@@ -191,10 +194,11 @@ def load_torchscript(
     """Load a TorchScript network and the medad calibration embedded in it.
 
     Returns:
-        ``(module, info)``; ``info`` has ``"metadata"`` (the bundle's metadata.json, or {}) and, when the file
-        carries one, ``"calibration"`` and ``"bundle"``, checked against the module's own weights.
+        ``(module, info)``; ``info`` has ``"metadata"`` (the bundle's metadata.json, or {}), ``"config"`` (the
+        merged inference config it was exported with, or {}) and, when the file carries one, ``"calibration"`` and
+        ``"bundle"``, checked against the module's own weights.
     """
-    extra = {CALIBRATION_FILE: "", "metadata.json": ""}
+    extra = {CALIBRATION_FILE: "", "metadata.json": "", CONFIG_FILE: ""}
     try:
         with quiet_torchscript():
             module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
@@ -204,10 +208,11 @@ def load_torchscript(
 
 
 def _info(files: Mapping[str, str | bytes], path: str | os.PathLike, fingerprint: str | None) -> dict[str, Any]:
-    """``{"metadata", "calibration", "bundle", "weights_sha256"}`` from an export's embedded files; the calibration
-    is checked against ``fingerprint`` (the loaded weights'), or taken as recorded when it is None."""
+    """``{"metadata", "config", "calibration", "bundle", "weights_sha256"}`` from an export's embedded files; the
+    calibration is checked against ``fingerprint`` (the loaded weights'), or taken as recorded when it is None."""
     text = {k: v.decode() if isinstance(v, bytes) else v for k, v in files.items()}
-    info: dict[str, Any] = {"metadata": json.loads(text["metadata.json"]) if text.get("metadata.json") else {}}
+    info: dict[str, Any] = {name: json.loads(text[file]) if text.get(file) else {}
+                            for name, file in (("metadata", "metadata.json"), ("config", CONFIG_FILE))}
     if text.get(CALIBRATION_FILE):
         record = read_calibration(json.loads(text[CALIBRATION_FILE]), fingerprint, source=f"{path} ({CALIBRATION_FILE})")
         info["calibration"] = record["calibration"]
@@ -253,7 +258,7 @@ def load_program(
     Returns:
         ``(network, info)`` as :func:`load_torchscript`.
     """
-    extra = {CALIBRATION_FILE: "", "metadata.json": ""}
+    extra = {CALIBRATION_FILE: "", "metadata.json": "", CONFIG_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as error:
@@ -381,7 +386,7 @@ def _embedded_files(
     checkpoint_path: str | os.PathLike,
     bundle: str | None,
     metadata: Mapping[str, Any] | None,
-    config_files: Sequence[str | os.PathLike],
+    config: Mapping[str, Any] | None,
 ) -> dict[str, str]:
     """Load the checkpoint's weights into ``network``; the files every export embeds (configs, metadata.json and
     the calibration record with the fingerprint of exactly these weights)."""
@@ -390,8 +395,8 @@ def _embedded_files(
     state = load_network_weights(network, checkpoint_path, bundle)
     fingerprint = weights_fingerprint(network.state_dict())
     files: dict[str, str] = {}
-    for config in config_files:
-        files[Path(config).name] = json.dumps(json.loads(Path(config).read_text()))
+    if config is not None:
+        files[CONFIG_FILE] = json.dumps(dict(config))
     if metadata is not None:
         files["metadata.json"] = json.dumps(dict(metadata))
     calibration = state.get("calibration")
@@ -408,7 +413,7 @@ def export_torchscript(
     filepath: str | os.PathLike,
     bundle: str | None = None,
     metadata: Mapping[str, Any] | None = None,
-    config_files: Sequence[str | os.PathLike] = (),
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Script ``network`` with the weights of ``checkpoint_path`` and save it with its calibration, atomically.
 
@@ -418,9 +423,9 @@ def export_torchscript(
         filepath: the ``.ts`` file.
         bundle: expected bundle name (checked against the checkpoint).
         metadata: the bundle's metadata.json content, stored as ``metadata.json``.
-        config_files: JSON configs stored as extra files under their own names (as ``ckpt_export`` does).
+        config: the workflow's merged config (overrides applied), stored as ``inference.json``.
     """
-    extra = _embedded_files(network, checkpoint_path, bundle, metadata, config_files)
+    extra = _embedded_files(network, checkpoint_path, bundle, metadata, config)
     with quiet_torchscript():
         scripted = torch.jit.script(network.cpu().eval())
         return atomic_save(filepath, lambda name: torch.jit.save(scripted, name, _extra_files=extra))
@@ -443,14 +448,14 @@ def export_program(
     filepath: str | os.PathLike,
     bundle: str | None = None,
     metadata: Mapping[str, Any] | None = None,
-    config_files: Sequence[str | os.PathLike] = (),
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """``torch.export`` ``network`` with the weights of ``checkpoint_path`` to a ``.pt2`` archive, atomically.
 
     Batch and spatial sizes stay free (:func:`export_inputs`); the calibration, metadata and configs are the
     archive's ``extra_files`` (read back by :func:`load_program`). Arguments as :func:`export_torchscript`.
     """
-    extra = _embedded_files(network, checkpoint_path, bundle, metadata, config_files)
+    extra = _embedded_files(network, checkpoint_path, bundle, metadata, config)
     program = _export_program(network)
     return atomic_save(filepath, lambda name: torch.export.save(program, name, extra_files=extra))
 
@@ -461,7 +466,7 @@ def export_onnx(
     filepath: str | os.PathLike,
     bundle: str | None = None,
     metadata: Mapping[str, Any] | None = None,
-    config_files: Sequence[str | os.PathLike] = (),
+    config: Mapping[str, Any] | None = None,
     opset_version: int | None = None,
 ) -> Path:
     """Export ``network`` with the weights of ``checkpoint_path`` to ONNX, atomically.
@@ -476,7 +481,7 @@ def export_onnx(
             __import__(package)
         except ImportError as error:
             raise ImportError(f"{filepath}: exporting to ONNX needs {package} (pip install \"medad[export]\").") from error
-    extra = _embedded_files(network, checkpoint_path, bundle, metadata, config_files)
+    extra = _embedded_files(network, checkpoint_path, bundle, metadata, config)
     program = _export_program(network)
     inputs, _ = export_inputs(network)
     # the torchvision-op registry and the exporter's progress lines are noise here (medad has no torchvision)

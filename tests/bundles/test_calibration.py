@@ -55,6 +55,7 @@ def test_train_eval_inference_and_torchscript_agree(trained: Path, tmp_path: Pat
                                     "network_def#num_head_channels": 8}))
     module, info = export.load_torchscript(ts_path)
     assert info["calibration"] == state["calibration"] and info["bundle"] == "ddpm_partial"
+    assert info["config"]["network_def"]["channels"] == "$(8, 16, 16)"  # the merged config, overrides applied
 
     train_eval = pd.read_csv(trained / "eval" / "cases.csv").set_index("case_id")
     from_pt = _infer(trained, tmp_path / "pt", models / "model.pt")

@@ -108,6 +108,7 @@ def test_exported_network_equals_eager_at_any_batch_and_size(exported: dict[str,
     assert info["calibration"] == exported["calibration"] and info["bundle"] == exported["name"]
     assert info["weights_sha256"] == fingerprint == export.network_fingerprint(module)
     assert info["metadata"]["network_data_format"]  # the bundle's metadata.json travels too
+    assert info["config"]["bundle_name"] == exported["name"] and info["config"]["network_def"]  # one merged config
     with torch.no_grad():
         for batch, size in [(1, (16, 24)), (3, (32, 32)), (5, (48, 40))]:
             inputs = _inputs(exported["network"], batch, size)
