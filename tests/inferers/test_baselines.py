@@ -7,19 +7,13 @@ import pytest
 import torch
 
 from medad.inferers import GaussianScoreInferer, IntensityScoreInferer
-from medad.methods.baselines import BrainIntensity, PixelGaussian
-
-
-def _fitted(images: torch.Tensor, std_floor: float = 0.01, chunk: int = 3) -> PixelGaussian:
-    model = PixelGaussian(std_floor)
-    for start in range(0, len(images), chunk):
-        model.update(images[start : start + chunk])
-    return model
+from medad.methods.baselines import BrainIntensity
+from tests.helpers import fitted_gaussian
 
 
 def test_gaussian_score_signed_variants_and_channel_reduction():
     normal = torch.stack([torch.full((2, 4, 4), v) for v in (0.4, 0.5, 0.6)])  # mean 0.5, std 0.1 per pixel
-    model = _fitted(normal, std_floor=1e-6)
+    model = fitted_gaussian(normal, std_floor=1e-6)
     test = torch.full((1, 2, 4, 4), 0.5)
     test[0, 0, 0, 0], test[0, 1, 1, 1] = 0.8, 0.3  # z = +3 (channel 0), z = -2 (channel 1)
     maps = {s: GaussianScoreInferer(signed=s)(test, model)["anomaly_map"][0, 0] for s in (False, True, "negative")}

@@ -10,35 +10,14 @@ from medad.inferers import (
     SliceAggregationInferer,
     SlidingWindowAnomalyInferer,
 )
-from medad.networks import AnomalyUNet
-
-
-def tiny_unet(in_channels: int = 1, out_channels: int = 3) -> AnomalyUNet:
-    """The bundle's network family (additive skips, BatchNorm, sigmoid) at a test-sized width."""
-    return AnomalyUNet(2, in_channels, out_channels, channels=(8, 16), num_res_blocks=(1, 0),
-                       attention_levels=(False, False), with_timestep=False, skip_mode="add", norm="batch",
-                       act="RELU", output_activation="sigmoid")
-
-
-class Recorder(torch.nn.Module):
-    """Returns a fixed restoration and remembers what it was given (a stand-in for the UNet)."""
-
-    def __init__(self, restoration: torch.Tensor) -> None:
-        super().__init__()
-        self.restoration = restoration
-        self.weight = torch.nn.Parameter(torch.zeros(()))  # so the loss has something to differentiate
-        self.seen: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen = x
-        return self.restoration + 0 * self.weight
+from tests.helpers import Recorder, fair_unet
 
 
 @pytest.mark.parametrize("anomaly_map", ["fair", "squared"])
 def test_inferer_shapes_and_ranges(anomaly_map: str):
     torch.manual_seed(0)
     inferer = FrequencyRestorationInferer(map=anomaly_map, mean_filter_size=3)
-    out = inferer(torch.rand(2, 3, 16, 16), tiny_unet().eval())
+    out = inferer(torch.rand(2, 3, 16, 16), fair_unet().eval())
     assert out["anomaly_map"].shape == (2, 1, 16, 16) and out["restoration"].shape == (2, 3, 16, 16)
     assert out["restoration"].min() >= 0 and out["restoration"].max() <= 1
     assert out["anomaly_map"].min() >= 0 and torch.isfinite(out["anomaly_map"]).all()
@@ -64,13 +43,13 @@ def test_inferer_composes_with_sliding_window_and_slices():
     inferer = FrequencyRestorationInferer(mean_filter_size=3)
     windowed = SlidingWindowAnomalyInferer(inferer, roi_size=(16, 16), overlap=0.5, foreground_weighting=False,
                                            zero_background=False)
-    out = windowed(torch.rand(1, 3, 32, 32), tiny_unet().eval())
+    out = windowed(torch.rand(1, 3, 32, 32), fair_unet().eval())
     assert out["anomaly_map"].shape == (1, 1, 32, 32) and out["restoration"].shape == (1, 3, 32, 32)
 
     slices = SliceAggregationInferer(inferer, spatial_dim=2, size_divisor=2)
     volume = torch.zeros(1, 1, 14, 14, 5)
     volume[..., 1:4] = torch.rand(1, 1, 14, 14, 3)
-    out = slices(volume, tiny_unet(1, 1).eval())
+    out = slices(volume, fair_unet(1, 1).eval())
     assert out["anomaly_map"].shape == (1, 1, 14, 14, 5) and out["restoration"].shape == volume.shape
     assert out["anomaly_map"][..., 0].abs().max() == 0  # background slices are skipped
 
@@ -81,4 +60,4 @@ def test_inferer_rejects_bad_settings():
     with pytest.raises(ValueError, match="odd"):
         FrequencyRestorationInferer(mean_filter_size=4)
     with pytest.raises(ValueError, match="out_channels"):
-        FrequencyRestorationInferer()(torch.rand(1, 3, 16, 16), tiny_unet(1, 1).eval())
+        FrequencyRestorationInferer()(torch.rand(1, 3, 16, 16), fair_unet(1, 1).eval())

@@ -9,7 +9,7 @@ import torch
 
 from medad.inferers import SliceAggregationInferer, SlidingWindowAnomalyInferer
 from medad.inferers.base import AnomalyInferer
-from medad.networks import AnomalyUNet
+from tests.helpers import ResidualInferer, random_unet
 
 
 class _ConstantMap(AnomalyInferer):
@@ -35,25 +35,8 @@ def test_slice_inferer_hands_the_brain_mask_to_the_window_inferer():
         inferer(volume, network=None, foreground=brain[..., :3])
 
 
-def tiny_unet(**kwargs) -> AnomalyUNet:
-    torch.manual_seed(0)
-    net = AnomalyUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), num_res_blocks=1,
-                      attention_levels=(False, False), norm_num_groups=8, with_timestep=False, **kwargs)
-    for p in net.parameters():  # a non-trivial function (the output layer starts at zero)
-        torch.nn.init.normal_(p, std=0.2)
-    return net.eval()
-
-
-class ResidualInferer(AnomalyInferer):
-    """|x - net(x)| and net(x): a deterministic restoration inferer."""
-
-    def __call__(self, inputs, network, *args, **kwargs):
-        restoration = network(inputs)
-        return {"anomaly_map": (inputs - restoration).abs().mean(dim=1, keepdim=True), "restoration": restoration}
-
-
 def test_channels_last_and_inference_mode_keep_the_maps():
-    net = tiny_unet()
+    net = random_unet()
     volume = torch.rand(1, 1, 20, 18, 6)
     volume[..., 0] = 0  # an empty slice is skipped either way
     plain = SliceAggregationInferer(SlidingWindowAnomalyInferer(ResidualInferer(), roi_size=(24, 24)), size_divisor=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medad.inferers import AnomalyInferer, SlidingWindowAnomalyInferer
-from medad.networks import AnomalyUNet
+from tests.helpers import ResidualInferer, random_unet
 
 
 class OnesMap(AnomalyInferer):
@@ -41,26 +41,9 @@ def test_foreground_weighting_damps_patches_that_are_mostly_background():
     assert row[0] == pytest.approx(1.0) and row[31] < 0.8
 
 
-def tiny_unet(**kwargs) -> AnomalyUNet:
-    torch.manual_seed(0)
-    net = AnomalyUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), num_res_blocks=1,
-                      attention_levels=(False, False), norm_num_groups=8, with_timestep=False, **kwargs)
-    for p in net.parameters():  # a non-trivial function (the output layer starts at zero)
-        torch.nn.init.normal_(p, std=0.2)
-    return net.eval()
-
-
-class ResidualInferer(AnomalyInferer):
-    """|x - net(x)| and net(x): a deterministic restoration inferer."""
-
-    def __call__(self, inputs, network, *args, **kwargs):
-        restoration = network(inputs)
-        return {"anomaly_map": (inputs - restoration).abs().mean(dim=1, keepdim=True), "restoration": restoration}
-
-
 @pytest.mark.parametrize("normalize", [False, True])
 def test_whole_image_equals_the_one_window_blend(normalize: bool):
-    net = tiny_unet()
+    net = random_unet()
     x = torch.rand(3, 1, 24, 28)
     fg = (torch.rand(3, 1, 24, 28) > 0.3).float()
     kwargs = dict(roi_size=(32, 32), normalize_foreground_weight=normalize, foreground_weighting=True)

@@ -10,36 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from medad.diffusion import SyntheticAnomalySchedule
 from medad.inferers import (
     SliceAggregationInferer,
     SlidingWindowAnomalyInferer,
     SyntheticRestorationInferer,
 )
 from medad.networks import AnomalyUNet
-
-SCHEDULE = SyntheticAnomalySchedule()
-
-
-def _brains(batch: int = 4, size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images that are 0 outside a disk (the 'brain'), and the disk masks, (B, 1, size, size)."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    fg = (((yy - size // 2) ** 2 + (xx - size // 2 + 4) ** 2) < (size // 3) ** 2).float()
-    x = (0.2 + 0.6 * torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))) * fg
-    return x, fg.expand(batch, 1, size, size).clone()
-
-
-class Constant(torch.nn.Module):
-    """x̂_0 = c everywhere; records the inputs and timesteps it is called with."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.value = value
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls.append((x.clone(), t.clone()))
-        return torch.full_like(x, self.value)
+from tests.helpers import SCHEDULE, Constant
 
 
 def test_multi_step_cold_diffusion_restoration_matches_the_closed_form():

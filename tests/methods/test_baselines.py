@@ -10,18 +10,12 @@ import torch
 from monai.data import MetaTensor
 
 from medad.methods.baselines import GaussianFitter, PixelGaussian
-
-
-def _fitted(images: torch.Tensor, std_floor: float = 0.01, chunk: int = 3) -> PixelGaussian:
-    model = PixelGaussian(std_floor)
-    for start in range(0, len(images), chunk):
-        model.update(images[start : start + chunk])
-    return model
+from tests.helpers import fitted_gaussian
 
 
 def test_pixel_gaussian_matches_numpy_in_float64():
     images = torch.rand(10, 2, 5, 6, dtype=torch.float64) * 0.3 + 0.5
-    model = _fitted(images)
+    model = fitted_gaussian(images)
     assert model.shape == (2, 5, 6) and int(model.count) == 10
     np.testing.assert_allclose(model.mean().numpy(), images.numpy().mean(0), atol=1e-12)
     np.testing.assert_allclose(model.variance().numpy(), images.numpy().var(0, ddof=1), atol=1e-12)
@@ -32,7 +26,7 @@ def test_pixel_gaussian_matches_numpy_in_float64():
 
 
 def test_pixel_gaussian_checkpoint_takes_the_fitted_shape():
-    model = _fitted(torch.rand(4, 1, 3, 4, 5))
+    model = fitted_gaussian(torch.rand(4, 1, 3, 4, 5))
     fresh = PixelGaussian(0.01)
     fresh.load_state_dict(model.state_dict())
     x = torch.rand(2, 1, 3, 4, 5)
@@ -40,7 +34,7 @@ def test_pixel_gaussian_checkpoint_takes_the_fitted_shape():
 
 
 def test_pixel_gaussian_rejects_another_grid():
-    model = _fitted(torch.rand(4, 1, 8, 8))
+    model = fitted_gaussian(torch.rand(4, 1, 8, 8))
     with pytest.raises(ValueError, match=r"input grid \(1, 9, 8\) differs from the training grid \(1, 8, 8\)"):
         model(torch.rand(1, 1, 9, 8))
     with pytest.raises(RuntimeError, match="not fitted"):

@@ -6,36 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from medad.corruptions import ForeignPatchCorruption
-from medad.diffusion import SyntheticAnomalySchedule
 from medad.methods import SyntheticAnomalyStep
 from medad.networks import AnomalyUNet
-
-SCHEDULE = SyntheticAnomalySchedule()
-
-
-def _brains(batch: int = 4, size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images that are 0 outside a disk (the 'brain'), and the disk masks, (B, 1, size, size)."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    fg = (((yy - size // 2) ** 2 + (xx - size // 2 + 4) ** 2) < (size // 3) ** 2).float()
-    x = (0.2 + 0.6 * torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))) * fg
-    return x, fg.expand(batch, 1, size, size).clone()
-
-
-class Constant(torch.nn.Module):
-    """x̂_0 = c everywhere; records the inputs and timesteps it is called with."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.value = value
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls.append((x.clone(), t.clone()))
-        return torch.full_like(x, self.value)
+from tests.helpers import SCHEDULE, brains
 
 
 def test_corruption_is_identity_at_alpha_zero_and_stays_in_the_foreground():
-    x, fg = _brains()
+    x, fg = brains()
     step = SyntheticAnomalyStep(SCHEDULE, ForeignPatchCorruption(16), seed=0)
     clean = step.corrupt(x, fg, alpha=torch.zeros(4))
     assert torch.equal(clean["x_t"], x) and torch.equal(clean["t"], torch.zeros(4, dtype=torch.long))
@@ -48,7 +25,7 @@ def test_corruption_is_identity_at_alpha_zero_and_stays_in_the_foreground():
 
 def test_corruption_is_linear_in_alpha():
     # eq. 1: x̃ − x = α·m·(x_f − x); the same draws with α = 1 and α = 0.4 differ by the factor 0.4
-    x, fg = _brains()
+    x, fg = brains()
     strong = SyntheticAnomalyStep(SCHEDULE, ForeignPatchCorruption(16), seed=3).corrupt(x, fg, alpha=torch.ones(4))
     weak = SyntheticAnomalyStep(SCHEDULE, ForeignPatchCorruption(16), seed=3).corrupt(x, fg, alpha=torch.full((4,), 0.4))
     torch.testing.assert_close(weak["x_t"] - x, 0.4 * (strong["x_t"] - x), atol=1e-6, rtol=0)
@@ -56,7 +33,7 @@ def test_corruption_is_linear_in_alpha():
 
 
 def test_training_step_is_mse_of_the_x0_prediction_at_t_of_alpha():
-    x, fg = _brains()
+    x, fg = brains()
     batch = {"image": x, "brain_mask": fg}
     expected = SyntheticAnomalyStep(SCHEDULE, ForeignPatchCorruption(16), seed=1).corrupt(x, fg)
     seen = {}

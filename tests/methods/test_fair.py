@@ -6,34 +6,13 @@ import pytest
 import torch
 
 from medad.methods import FairTrainingStep
-from medad.networks import AnomalyUNet
 from medad.transforms.frequency import HighFrequencyInput
-
-
-def tiny_unet(in_channels: int = 1, out_channels: int = 3) -> AnomalyUNet:
-    """The bundle's network family (additive skips, BatchNorm, sigmoid) at a test-sized width."""
-    return AnomalyUNet(2, in_channels, out_channels, channels=(8, 16), num_res_blocks=(1, 0),
-                       attention_levels=(False, False), with_timestep=False, skip_mode="add", norm="batch",
-                       act="RELU", output_activation="sigmoid")
-
-
-class Recorder(torch.nn.Module):
-    """Returns a fixed restoration and remembers what it was given (a stand-in for the UNet)."""
-
-    def __init__(self, restoration: torch.Tensor) -> None:
-        super().__init__()
-        self.restoration = restoration
-        self.weight = torch.nn.Parameter(torch.zeros(()))  # so the loss has something to differentiate
-        self.seen: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen = x
-        return self.restoration + 0 * self.weight
+from tests.helpers import Recorder, fair_unet
 
 
 def test_training_step_gives_finite_loss_and_gradients():
     torch.manual_seed(0)
-    network = tiny_unet()
+    network = fair_unet()
     step = FairTrainingStep(seed=0)
     out = step(network, {"image": torch.rand(4, 3, 16, 16)})
     assert set(out) == {"loss", "l2", "ssim"} and out["loss"].ndim == 0

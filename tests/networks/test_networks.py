@@ -7,6 +7,7 @@ import torch
 from monai.networks.blocks.activation import Swish
 
 from medad.networks import AnomalyUNet, timestep_embedding
+from tests.helpers import random_unet
 
 
 def small(**kw):
@@ -97,18 +98,9 @@ def test_residual_output_starts_as_identity_and_learns_a_change():
     torch.jit.script(net)
 
 
-def tiny_unet(**kwargs) -> AnomalyUNet:
-    torch.manual_seed(0)
-    net = AnomalyUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), num_res_blocks=1,
-                      attention_levels=(False, False), norm_num_groups=8, with_timestep=False, **kwargs)
-    for p in net.parameters():  # a non-trivial function (the output layer starts at zero)
-        torch.nn.init.normal_(p, std=0.2)
-    return net.eval()
-
-
 
 def test_swish_runs_as_one_silu_kernel_with_the_same_values():
-    net = tiny_unet()
+    net = random_unet()
     assert any(isinstance(m, torch.nn.SiLU) for m in net.modules())
     x = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
