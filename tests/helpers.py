@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import torch
 
 from medad.diffusion import SyntheticAnomalySchedule
@@ -79,3 +81,27 @@ def fitted_gaussian(images: torch.Tensor, std_floor: float = 0.01, chunk: int = 
     for start in range(0, len(images), chunk):
         model.update(images[start : start + chunk])
     return model
+
+
+class _ReportText(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.cells: dict[str, str] = {}
+        self._key: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        self._key = dict(attrs).get("data-key") if tag == "td" else None
+
+    def handle_data(self, data):
+        self.parts.append(data)
+        if self._key:
+            self.cells[self._key] = data
+            self._key = None
+
+
+def report_cells(html: str) -> tuple[dict[str, str], str]:
+    """The text of each metric cell of a report (``<td data-key=...>``) by key, and the page's whole text."""
+    page = _ReportText()
+    page.feed(html)
+    return page.cells, " ".join(page.parts)

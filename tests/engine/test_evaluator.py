@@ -16,6 +16,7 @@ from PIL import Image
 
 from medad.data import image_transforms, mvtec_datalist, nifti_datalist, volume_transforms
 from medad.engine import AnomalyEvaluator
+from tests.helpers import report_cells
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -233,29 +234,6 @@ def _with_normals(root: Path, count: int = 5) -> DataLoader:
     return DataLoader(Dataset(mvtec_datalist(root, split="train"), image_transforms(8, channels=1)), batch_size=2)
 
 
-def _report_cells(path: Path) -> tuple[dict[str, str], str]:
-    """The report's cells by ``data-key`` and its whole text."""
-    from html.parser import HTMLParser
-
-    class Page(HTMLParser):
-        def __init__(self) -> None:
-            super().__init__()
-            self.cells, self.parts, self._key = {}, [], None
-
-        def handle_starttag(self, tag, attrs):
-            self._key = dict(attrs).get("data-key") if tag == "td" else None
-
-        def handle_data(self, data):
-            self.parts.append(data)
-            if self._key:
-                self.cells[self._key] = data
-                self._key = None
-
-    page = Page()
-    page.feed(path.read_text(encoding="utf-8"))
-    return page.cells, " ".join(page.parts)
-
-
 def test_the_zscore_baseline_equals_a_direct_computation_and_the_report_shows_it(tmp_path: Path):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -293,7 +271,7 @@ def test_the_zscore_baseline_equals_a_direct_computation_and_the_report_shows_it
     assert "intensity" not in zscore and set(stored["baselines"]) == {"zscore"}  # pictures: no intensity baseline
 
     # the report: a column per baseline with the numbers of metrics.json, and how they were fitted
-    cells, text = _report_cells(out / "report.html")
+    cells, text = report_cells((out / "report.html").read_text(encoding="utf-8"))
     for key in ("num_cases", *direct):
         assert cells[f"baselines.zscore.{key}"] == _number(zscore[key]), key
         assert cells[key] == _number(result[key]), key
@@ -314,7 +292,7 @@ def test_without_normal_data_the_report_says_baselines_need_it(tmp_path: Path):
     root = _mvtec(tmp_path / "widget")
     result = _evaluator(root, tmp_path / "eval", num_overlays=0).run()  # no calibration loader: inference on a folder
     assert "baselines" not in result and result["baselines_note"] == NO_NORMAL_DATA
-    cells, text = _report_cells(tmp_path / "eval" / "report.html")
+    cells, text = report_cells((tmp_path / "eval" / "report.html").read_text(encoding="utf-8"))
     assert "need held-out normal data" in text and not any(k.startswith("baselines.") for k in cells)
     with pytest.raises(ValueError, match="unknown baseline"):
         _evaluator(root, tmp_path / "x", baselines=["zscroe"])
@@ -362,7 +340,7 @@ def test_oracle_a_bright_square_on_a_constant_background_gives_the_zscore_baseli
     assert zscore["pixel_auroc"] == pytest.approx(1.0) and zscore["image_auroc"] == 1.0
     assert zscore["pixel_ap"] == pytest.approx(1.0) and zscore["best_dice"] == pytest.approx(1.0)
     assert result["pixel_auroc"] < 0.8  # the noise "method" loses, and the report says so in a sentence
-    _, text = _report_cells(out / "report.html")
+    _, text = report_cells((out / "report.html").read_text(encoding="utf-8"))
     assert (f"The z-score baseline is higher on pixel AUROC: {_number(zscore['pixel_auroc'])} vs "
             f"{_number(result['pixel_auroc'])} for this run.") in text
 

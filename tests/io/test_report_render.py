@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 
 from medad import bundle
 from medad.io.report import METRIC_LABELS, _number
+from tests.helpers import report_cells
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,25 +48,6 @@ def _render(chromium: Path, page: Path, profile: Path, *args: str) -> subprocess
                           capture_output=True, timeout=180, check=True)
 
 
-class _Text(HTMLParser):
-    """The page's text, and the text of each metric cell (``<td data-key=...>``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self.cells: dict[str, str] = {}
-        self._key: str | None = None
-
-    def handle_starttag(self, tag, attrs):
-        self._key = dict(attrs).get("data-key") if tag == "td" else None
-
-    def handle_data(self, data):
-        self.parts.append(data)
-        if self._key:
-            self.cells[self._key] = data
-            self._key = None
-
-
 def test_report_renders_in_headless_chromium_with_the_numbers_of_metrics_json(chromium: Path, report: Path,
                                                                                tmp_path: Path):
     from PIL import Image
@@ -81,14 +62,12 @@ def test_report_renders_in_headless_chromium_with_the_numbers_of_metrics_json(ch
     assert len(colours) > 50 and 0.001 < dark < 0.5, (len(colours), dark)
 
     dom = _render(chromium, report, tmp_path / "profile2", "--dump-dom").stdout.decode("utf-8")
-    page = _Text()
-    page.feed(dom)
-    text = " ".join(page.parts)
+    cells, text = report_cells(dom)
     metrics = json.loads((report.parent / "metrics.json").read_text(encoding="utf-8"))
     shown = [key for key in METRIC_LABELS if key in metrics]
     assert {"image_auroc", "pixel_auroc", "aupro", "dice"} <= set(shown)
     for key in shown:  # every metric of metrics.json, as the report formats it, in the rendered page
-        assert page.cells.get(key) == _number(metrics[key]), key
+        assert cells.get(key) == _number(metrics[key]), key
         assert METRIC_LABELS[key] in text
     calibration = metrics["calibration"]
     for key in ("image_threshold", "pixel_threshold", "num_calibration_cases"):
@@ -99,7 +78,7 @@ def test_report_renders_in_headless_chromium_with_the_numbers_of_metrics_json(ch
     assert zscore["num_normal_images"] == calibration["num_calibration_cases"]
     assert "z-score baseline" in text and "fair (this run)" in text
     for key in ("num_cases", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "best_dice"):
-        assert page.cells.get(f"baselines.zscore.{key}") == _number(zscore[key]), key
+        assert cells.get(f"baselines.zscore.{key}") == _number(zscore[key]), key
         label = METRIC_LABELS[key]
         verdict = f"The z-score baseline is higher on {label}: {_number(zscore[key])} vs {_number(metrics[key])}"
         assert (verdict in text) == (zscore[key] > metrics[key] and _number(zscore[key]) != _number(metrics[key]))
