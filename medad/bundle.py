@@ -248,8 +248,12 @@ def _workflow_files(bundle: Path, workflow: str, data: str | None, extra_configs
     if workflow not in ("inference", "evaluate"):
         return files, {}
     stored = _stored_settings(files, override, workflow)
-    if data is None and stored.get("data") not in (None, _declared(bundle / "configs" / "train.json")[1]):
-        files = config_files(bundle, workflow, stored["data"]) + list(extra_configs)
+    trained_on = stored.get("data")
+    if data is not None and trained_on not in (None, data):
+        raise OverrideError(f"--data {data}: the model was trained on {trained_on} data; drop --data (it is read "
+                            "from the run) or pass the --run_dir of a run trained on that data.")
+    if data is None and trained_on not in (None, _declared(bundle / "configs" / "train.json")[1]):
+        files = config_files(bundle, workflow, trained_on) + list(extra_configs)
         stored = _stored_settings(files, override, workflow)
     return files, stored
 

@@ -202,6 +202,12 @@ def _run(argv: list[str]) -> int:
         print(f"bundle {config}, workflow {workflow} ({', '.join(os.path.basename(f) for f in files)}):\n")
         print(describe_keys(files))
         return 0
+    if workflow in ("inference", "evaluate") and data is None:  # check the keys of the data the run was trained on
+        from medad import bundle  # reads the run record with MONAI's parser: not for --help
+
+        located = {k: options[k] for k in ("run_dir", "ckpt_path") if options.get(k)}
+        folder = bundle._bundle_dir(config)
+        files = bundle._workflow_files(folder, workflow, None, extra, {"bundle_root": str(folder), **located})[0]
     overrides = check_overrides(files, options, extra_keys=_TRACKING_KEYS)
     from medad import bundle
 

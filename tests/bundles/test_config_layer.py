@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medad import bundle
+from medad import bundle, cli
+from medad.overrides import OverrideError
 from medad.data import make_demo_mvtec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,3 +159,16 @@ def test_a_none_override_reaches_the_config(tmp_path: Path):
                **{**CASES["disyre"][2], "evaluator#num_overlays": 0})
     record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert record["settings"]["patch_size"] is None
+
+
+def test_inference_reads_the_data_domain_from_the_run_and_refuses_another(tmp_path: Path):
+    name, data, overrides = CASES["fair_mri"]
+    bundle.run(REPO / "bundles" / name, "train", data=data, run_dir=str(tmp_path), **overrides)
+    assert json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))["settings"]["data"] == "mri"
+    with pytest.raises(OverrideError, match="trained on mri data"):
+        bundle.run(REPO / "bundles" / name, "inference", data="industrial", run_dir=str(tmp_path))
+    out = tmp_path / "inference"  # no --data: the MRI path, as trained (volumes in, volumes out), MRI keys accepted
+    assert cli.main(["run", "--config", str(REPO / "bundles" / name), "--workflow", "inference", "--run_dir",
+                     str(tmp_path), "--brain_mask_dir", str(tmp_path / "data" / "demo_mri" / "brain_masks"),
+                     "--output_dir", str(out)]) == 0
+    assert list((out / "maps").glob("*_anomaly_map.nii.gz"))
