@@ -178,12 +178,16 @@ def logging_file(config: str | os.PathLike) -> str:
 
 def parser(config: str | os.PathLike, workflow: str = "train", data: str | None = None, extra_configs: Sequence[str] = (),
            **override: Any) -> Any:
-    """A :class:`monai.bundle.ConfigParser` of the workflow's merged files with ``override`` applied (not run)."""
+    """A :class:`monai.bundle.ConfigParser` of the workflow's merged files with ``override`` applied (not run);
+    for inference/evaluate also the stored run's settings, network and data domain, as :func:`run` applies them."""
     from monai.bundle import ConfigParser
 
+    bundle = _bundle_dir(config)
+    override = {"bundle_root": str(bundle), **override}
+    files, stored = _workflow_files(bundle, workflow, data, extra_configs, override)
     result = ConfigParser()
-    result.read_config(config_files(config, workflow, data) + list(extra_configs))
-    result.update({"bundle_root": str(_bundle_dir(config)), **override})
+    result.read_config(files)
+    result.update({**override, **stored})  # "#"-paths (network_def#channels) are set nested
     return result
 
 
@@ -347,26 +351,16 @@ def export(
     model_dir = Path(override["run_dir"]) / "models" if override.get("run_dir") else bundle / "models"
     filepath = filepath or str(model_dir / f"model{formats.EXPORT_FORMATS[format]}")
     ckpt_file = ckpt_file or str(model_dir / "model.pt")
-    override.update({"bundle_root": str(bundle), "ckpt_path": ckpt_file})
-    configs, stored = _workflow_files(bundle, "inference", override.pop("data", None), [], override)
-    override.update(stored)
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update(override)
+    merged = parser(bundle, "inference", override.pop("data", None), ckpt_path=ckpt_file, **override)
     writer = {"torchscript": formats.export_torchscript, "pt2": formats.export_program, "onnx": formats.export_onnx}
     meta_file = bundle / "configs" / "metadata.json"
     metadata = ConfigParser.load_config_file(str(meta_file)) if meta_file.is_file() else None
-    writer[format](parser.get_parsed_content("network_def"), ckpt_file, filepath, bundle=parser.get("bundle_name"),
-                   metadata=metadata, config=parser.get())
+    writer[format](merged.get_parsed_content("network_def"), ckpt_file, filepath, bundle=merged.get("bundle_name"),
+                   metadata=metadata, config=merged.get())
     print(f"medad export: {ckpt_file} -> {filepath}", flush=True)
     return filepath
-
-
-#: the files a packed bundle's workflows are written to (``configs/<name>``)
-PACKED_CONFIGS = {"train": "train.json", "inference": "inference.json", "evaluate": "evaluate.json",
-                  "multi_gpu_train": "multi_gpu_train.json"}
 
 
 def pack(config: str | os.PathLike, out_dir: str | os.PathLike, data: str | None = None) -> Path:
@@ -389,8 +383,6 @@ def pack(config: str | os.PathLike, out_dir: str | os.PathLike, data: str | None
     """
     import shutil
 
-    from monai.bundle import ConfigParser
-
     from medad.io import write_json
 
     bundle = _bundle_dir(config)
@@ -403,14 +395,10 @@ def pack(config: str | os.PathLike, out_dir: str | os.PathLike, data: str | None
             shutil.copytree(bundle / folder, out / folder, ignore=shutil.ignore_patterns("checkpoint.pt"))
     if (bundle / "run.json").is_file():
         shutil.copy2(bundle / "run.json", out / "run.json")
-    for workflow, name in PACKED_CONFIGS.items():
-        override: dict[str, Any] = {"bundle_root": str(out)}
-        files, stored = _workflow_files(bundle, workflow, data, [], dict(override))
-        merged = ConfigParser.load_config_files(files)
+    for workflow in WORKFLOWS:
+        merged = parser(bundle, workflow, data, bundle_root=str(out)).get()
         merged.pop("parent_configs", None)
-        parsed = ConfigParser(merged)  # stored settings are "#"-paths (network_def#channels): set them nested
-        parsed.update({**stored, **override})
-        write_json(out / "configs" / name, parsed.get(), indent=4)
+        write_json(out / "configs" / f"{workflow}.json", merged, indent=4)
     shutil.copy2(logging_file(bundle), out / "configs" / "logging.conf")
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     metadata["files_sha256"] = {

@@ -169,16 +169,13 @@ def _export_inputs(method: str, root: Path) -> Path:
 def _timed_inference(method: str, ckpt: Path, data: Path, out: Path, repeats: int) -> tuple[float, dict]:
     """Median seconds of the bundle's inference (inferer + image score, no file writing) over ``data``, and the
     maps of the last pass; the first pass warms up (ONNX session, exported graph) and is not counted."""
-    from monai.bundle import ConfigParser
-
     from medad import bundle
 
-    config = bundle.config_files(REPO / "bundles" / method, "inference")
-    parser = ConfigParser()
-    parser.read_config(config)
-    parser.update({"bundle_root": str(REPO / "bundles" / method), "device": "$torch.device('cpu')",
-                   "ckpt_path": str(ckpt), "input_dir": str(data), "output_dir": str(out), "evaluator#progress": False,
-                   **bundle._stored_settings(config, {"ckpt_path": str(REPO / "bundles" / method / "models" / "model.pt")})})
+    # the network settings of the shipped model.pt, then the file to time (model.pt or one of its exports)
+    parser = bundle.parser(REPO / "bundles" / method, "inference",
+                           ckpt_path=str(REPO / "bundles" / method / "models" / "model.pt"))
+    parser.update({"device": "$torch.device('cpu')", "ckpt_path": str(ckpt), "input_dir": str(data),
+                   "output_dir": str(out), "evaluator#progress": False})
     evaluator = parser.get_parsed_content("evaluator")
     evaluator.load()
     times, cases = [], {}

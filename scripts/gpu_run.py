@@ -199,17 +199,12 @@ def run_bundle(name: str, data: dict[str, str], args: argparse.Namespace, budget
 def fair_speed(run_dir: Path, device: str, use_compile: bool, repeats: int) -> list[dict[str, Any]]:
     """Images/s of FAIR's whole anomaly-map computation with the trained model (eager/compiled, fp32/bf16)."""
     import torch
-    from monai.bundle import ConfigParser
 
     from medad import bundle
     from medad.engine.amp import autocast
 
-    config = bundle.config_files(REPO / "bundles" / "fair", "inference")
-    parser = ConfigParser()
-    parser.read_config(config)
     ckpt = str(run_dir / "models" / "model.pt")
-    parser.update({"bundle_root": str(REPO / "bundles" / "fair"), "run_dir": str(run_dir), "ckpt_path": ckpt,
-                   **bundle._stored_settings(config, {"run_dir": str(run_dir), "ckpt_path": ckpt})})
+    parser = bundle.parser(REPO / "bundles" / "fair", "inference", run_dir=str(run_dir), ckpt_path=ckpt)
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
     network = network.to(device).eval()

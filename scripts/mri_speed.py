@@ -50,19 +50,10 @@ def load_average() -> str:
 
 def profile_parser(bundle: str, profile: str, overrides: dict[str, Any] | None = None):
     """The bundle's inference config with the profile's overlay and the shipped model's stored settings."""
-    from monai.bundle import ConfigParser
-
     from medad import bundle as bundles
 
-    files = bundles.config_files(REPO / "bundles" / bundle, "inference")
-    if profile != "paper":
-        files.append(str(REPO / "bundles" / bundle / "configs" / f"{profile}.json"))
-    override = {"bundle_root": str(REPO / "bundles" / bundle), **(overrides or {})}
-    override.update(bundles._stored_settings(files, dict(override), "inference"))
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.update(override)
-    return parser
+    extra = [] if profile == "paper" else [str(REPO / "bundles" / bundle / "configs" / f"{profile}.json")]
+    return bundles.parser(REPO / "bundles" / bundle, "inference", extra_configs=extra, **(overrides or {}))
 
 
 def evaluator_for(bundle: str, profile: str, checkpoint: Path, output_dir: Path, calibration_loader=None,
