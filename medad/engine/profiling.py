@@ -53,19 +53,15 @@ class _Recorder(torch.nn.Module):
 
 
 def _train_parser(bundle_dir: Path, run_dir: Path, overrides: Mapping[str, Any]):
-    from monai.bundle import ConfigParser
+    from medad.bundle import parser
 
-    from medad.bundle import config_files
-
-    parser = ConfigParser()
-    parser.read_config(config_files(bundle_dir, data=overrides.get("data")))
-    parser.update({
-        "bundle_root": str(bundle_dir), "run_dir": str(run_dir), "tracker": None,
+    settings = dict(overrides)
+    return parser(bundle_dir, "train", settings.pop("data", None), **{
+        "run_dir": str(run_dir), "tracker": None,
         "trainer#monitor": None, "trainer#checkpoint_path": None, "trainer#model_path": None,
         "trainer#log_path": None, "trainer#progress": False, "trainer#handle_signals": False, "trainer#profile": True,
-        **dict(overrides),
+        **settings,
     })
-    return parser
 
 
 def _prebuilt_batches(trainer: Any, count: int) -> list[list[tuple[tuple[Any, ...], torch.Size]]]:
