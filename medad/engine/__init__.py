@@ -5,7 +5,15 @@ The training steps (what one batch costs) are the methods' own and live in :mod:
 
 from .builders import image_folder_loader, image_loaders, slice_training_transforms, volume_loaders
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
-from .distributed import all_reduce_mean, barrier, init_distributed, is_distributed, is_main_process, unwrap
+from .distributed import (
+    all_reduce_mean,
+    barrier,
+    distributed_network,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+    unwrap,
+)
 from .evaluator import AnomalyEvaluator, calibrate_thresholds
 from .export import export_torchscript, load_torchscript, read_calibration, weights_fingerprint
 from .grids import to_image_size, to_input_grid, to_native_space
@@ -56,5 +64,6 @@ __all__ = [
     "load_network_weights",
     "save_checkpoint",
     "unwrap",
+    "distributed_network",
     "warmup_cosine_schedule",
 ]

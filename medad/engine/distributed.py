@@ -16,6 +16,7 @@ __all__ = [
     "is_main_process",
     "init_distributed",
     "unwrap",
+    "distributed_network",
     "barrier",
     "all_reduce_mean",
     "main_process_first",
@@ -60,6 +61,20 @@ def init_distributed(backend: str | None = None) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def distributed_network(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``network`` on ``device``, wrapped in DistributedDataParallel when it has parameters to train.
+
+    A module with nothing to train (the baselines' per-pixel statistics, intensity scoring) is left unwrapped: DDP
+    refuses such a module, and there are no gradients to synchronise. BatchNorm becomes SyncBatchNorm on CUDA, so
+    the batch statistics span every rank.
+    """
+    if not any(parameter.requires_grad for parameter in network.parameters()):
+        return network.to(device)
+    if device.type == "cuda":
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    return torch.nn.parallel.DistributedDataParallel(network.to(device), device_ids=[device] if device.type == "cuda" else None)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
