@@ -219,6 +219,9 @@ def run(
     from monai.bundle import run as monai_run
 
     bundle = _bundle_dir(config)
+    if "parent_configs" in override:  # it chooses the files, which are read before any override applies
+        raise OverrideError("--parent_configs cannot be overridden (it lists the files merged before the bundle's "
+                            "train.json); use --data, --extra_configs, or edit the bundle's train.json.")
     override.setdefault("bundle_root", str(bundle))
     _tracking_overrides(override)
     if shard not in (None, ""):

@@ -172,3 +172,10 @@ def test_inference_reads_the_data_domain_from_the_run_and_refuses_another(tmp_pa
                      str(tmp_path), "--brain_mask_dir", str(tmp_path / "data" / "demo_mri" / "brain_masks"),
                      "--output_dir", str(out)]) == 0
     assert list((out / "maps").glob("*_anomaly_map.nii.gz"))
+
+
+def test_parent_configs_and_an_unknown_domain_are_refused():
+    with pytest.raises(OverrideError, match="--parent_configs cannot be overridden"):
+        bundle.run(REPO / "bundles" / "fair", parent_configs=["base.json"])
+    with pytest.raises(OverrideError, match="--data must be one of industrial, mri"):
+        bundle.config_files(REPO / "bundles" / "fair", data="xray")
