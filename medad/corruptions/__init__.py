@@ -2,10 +2,12 @@
 
 from medad.corruptions.cutpaste import LargeCutPaste, cut_paste
 from medad.corruptions.foreign_patch import (
+    OFFICIAL_BIAS_CODEBOOK,
     SHAPE_KINDS,
     ForeignPatchCorruption,
     foreign_patch_blend,
     intensity_bias,
+    quantized_range_mask,
     random_shape_mask,
 )
 from medad.corruptions.perlin import (
@@ -24,6 +26,7 @@ from medad.corruptions.simplex import (
 )
 
 __all__ = [
+    "OFFICIAL_BIAS_CODEBOOK",
     "SHAPE_KINDS",
     "ForeignPatchCorruption",
     "LargeCutPaste",
@@ -36,6 +39,7 @@ __all__ = [
     "perlin_mask",
     "perlin_noise",
     "perlin_noise_2d",
+    "quantized_range_mask",
     "random_permutation",
     "random_shape_mask",
     "simplex_noise",

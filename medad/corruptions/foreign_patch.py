@@ -9,6 +9,11 @@ a folder, optionally Gaussian-blurs them, places them at a foreground voxel, and
 intensity-bias corruption ``x + alpha * sign * m`` clipped to ``[0, 1]``. Here the shapes are
 generated procedurally (ellipsoids, boxes and Perlin blobs, randomly oriented), so no shape folder
 is needed.
+
+The official default anomaly type is ``dag`` (``preprocessing/preprocessing.py`` ``get_ag_transforms``): the
+foreign patch, then an intensity bias in the same shape with its own strength, restricted to a random subset of
+the intensity classes of a 5-centroid codebook (``preprocessing/bias.py``); the trainer conditions on the larger
+of the two strengths. ``bias_after_prob=1`` with ``bias_codebook=OFFICIAL_BIAS_CODEBOOK`` reproduces it.
 """
 
 from __future__ import annotations
@@ -26,8 +31,13 @@ __all__ = [
     "random_shape_mask",
     "foreign_patch_blend",
     "intensity_bias",
+    "quantized_range_mask",
+    "OFFICIAL_BIAS_CODEBOOK",
     "ForeignPatchCorruption",
 ]
+
+# k-means intensity centroids of percentile-scaled T1 brains used by the official ``dag`` corruption.
+OFFICIAL_BIAS_CODEBOOK = (0.00565079, 0.38283867, 0.61224216, 0.76920754, 0.9385473)
 
 SHAPE_KINDS = ("ellipsoid", "box", "blob")
 
@@ -142,6 +152,36 @@ def intensity_bias(
     return out if clip_range is None else out.clamp(*clip_range)
 
 
+def quantized_range_mask(
+    image: torch.Tensor, shape: torch.Tensor, codebook: Sequence[float], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Where the intensity bias of the official ``dag`` corruption applies inside a shape.
+
+    Each voxel is assigned its nearest codebook centroid; centroid k is kept with probability
+    ``n_k / (n + 1000)`` (``n_k`` of the ``n`` voxels inside the shape belong to it; all are kept when none is
+    drawn), and the kept classes' indicator is blurred with sigma 1 so the bias has no sharp transitions
+    (``preprocessing/bias.py``).
+
+    Args:
+        image: ``(C, *spatial)`` image (channel 0 is quantised).
+        shape: ``(*spatial)`` soft shape mask.
+        codebook: intensity centroids.
+        generator: torch random generator.
+
+    Returns:
+        ``(*spatial)`` mask in ``[0, 1]``.
+    """
+    centroids = torch.as_tensor(codebook, dtype=image.dtype, device=image.device)
+    classes = (image[0].unsqueeze(-1) - centroids).abs().argmin(dim=-1)
+    inside = shape > 0
+    counts = torch.bincount(classes[inside].flatten(), minlength=len(centroids)).to(torch.float64)
+    keep = torch.rand(len(centroids), generator=generator, dtype=torch.float64) < counts / (counts.sum() + 1e3)
+    if not keep.any():
+        keep[:] = True
+    ranges = keep.to(image.device)[classes].to(image.dtype)
+    return gaussian_blur(ranges[None, None], 1.0)[0, 0].clamp(0.0, 1.0)
+
+
 def _foreground_corner(
     foreground: torch.Tensor, patch: Sequence[int], generator: torch.Generator | None
 ) -> list[int]:
@@ -172,6 +212,12 @@ class ForeignPatchCorruption:
         foreign_location: ``"random"`` (default, as DISYRE: the foreign patch is cut at a random
             foreground location of ``x_foreign``) or ``"same"`` (cut at the anomaly's own location).
         clip_range: value range the intensity-bias output is clipped to (``None``: no clipping).
+        bias_after_prob: probability that a sample gets, after its foreign patch, an intensity bias
+            ``+-alpha_b`` (``alpha_b ~ U(0, 1)``, its own draw) in the same shape: the official ``dag`` corruption
+            (official: 1.0). The effective strength of such a sample is ``max(alpha, alpha_b')`` where
+            ``alpha_b'`` is the largest change the clipped bias made, as the official trainer conditions on.
+        bias_codebook: intensity centroids restricting that bias to some intensity classes
+            (:func:`quantized_range_mask`; official: :data:`OFFICIAL_BIAS_CODEBOOK`); ``None``: the whole shape.
     """
 
     def __init__(
@@ -182,6 +228,8 @@ class ForeignPatchCorruption:
         smooth_sigma: float | tuple[float, float] = (1.0, 3.0),
         foreign_location: str = "random",
         clip_range: tuple[float, float] | None = (0.0, 1.0),
+        bias_after_prob: float = 0.0,
+        bias_codebook: Sequence[float] | None = None,
     ) -> None:
         if foreign_location not in ("random", "same"):
             raise ValueError(f"foreign_patch.py: foreign_location must be 'random' or 'same', got {foreign_location!r}.")
@@ -191,6 +239,10 @@ class ForeignPatchCorruption:
         self.smooth_sigma = smooth_sigma
         self.foreign_location = foreign_location
         self.clip_range = clip_range
+        if not 0.0 <= float(bias_after_prob) <= 1.0:
+            raise ValueError(f"foreign_patch.py: bias_after_prob must lie in [0, 1], got {bias_after_prob}.")
+        self.bias_after_prob = float(bias_after_prob)
+        self.bias_codebook = None if bias_codebook is None else tuple(float(c) for c in bias_codebook)
 
     def __call__(
         self,
@@ -199,7 +251,8 @@ class ForeignPatchCorruption:
         alpha: float | torch.Tensor,
         foreground: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_alpha: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Corrupt a batch.
 
         Args:
@@ -209,10 +262,13 @@ class ForeignPatchCorruption:
             foreground: optional ``(B, 1, *spatial)`` foreground masks; if ``None`` and
                 ``foreground_only``, the foreground is where any channel of ``x`` is non-zero.
             generator: torch random generator.
+            return_alpha: also return the ``(B,)`` effective strengths (``alpha``, or the larger of ``alpha`` and
+                the after-patch bias's strength, see ``bias_after_prob``).
 
         Returns:
             ``(x_tilde (B, C, *spatial), mask (B, 1, *spatial))`` where ``mask`` is the soft shape
-            ``m`` (not multiplied by ``alpha``), zero outside the foreground when ``foreground_only``.
+            ``m`` (not multiplied by ``alpha``), zero outside the foreground when ``foreground_only``;
+            with ``return_alpha``, the ``(B,)`` effective strengths as a third element.
         """
         if x.shape != x_foreign.shape:
             raise ValueError(f"foreign_patch.py: x {tuple(x.shape)} and x_foreign {tuple(x_foreign.shape)} differ in shape.")
@@ -247,7 +303,34 @@ class ForeignPatchCorruption:
         if use_bias.any():
             biased = intensity_bias(x, mask, alphas, bias_sign, self.clip_range)
             x_tilde = torch.where(use_bias.to(x.device).view(-1, *[1] * (x.ndim - 1)), biased, x_tilde)
-        return x_tilde, mask
+        effective = alphas.clone()
+        if self.bias_after_prob > 0:
+            x_tilde, effective = self._bias_after_patch(x_tilde, mask, use_bias, effective, generator)
+        return (x_tilde, mask, effective) if return_alpha else (x_tilde, mask)
+
+    def _bias_after_patch(
+        self,
+        x_tilde: torch.Tensor,
+        mask: torch.Tensor,
+        skip: torch.Tensor,
+        effective: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official ``dag`` second stage: an intensity bias with its own strength in each sample's shape."""
+        x_tilde = x_tilde.clone()
+        for b in range(x_tilde.shape[0]):
+            if bool(skip[b]) or not bernoulli(self.bias_after_prob, generator) or not bool((mask[b] > 0).any()):
+                continue
+            alpha_b = float(uniform(0.0, 1.0, generator))
+            sign = 1.0 if bernoulli(0.5, generator) else -1.0
+            shape = mask[b, 0]
+            if self.bias_codebook is not None:
+                shape = shape * quantized_range_mask(x_tilde[b], shape, self.bias_codebook, generator)
+            biased = intensity_bias(x_tilde[b : b + 1], shape[None, None], alpha_b, sign, self.clip_range)[0]
+            change = float((biased - x_tilde[b]).abs().max())
+            x_tilde[b] = biased
+            effective[b] = torch.maximum(effective[b], torch.as_tensor(change, dtype=effective.dtype))
+        return x_tilde, effective
 
     def _patch_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         sizes = [self.patch_size] * len(spatial) if isinstance(self.patch_size, int) else list(self.patch_size)

@@ -70,7 +70,8 @@ class SyntheticAnomalyStep(nn.Module):
             alpha: optional ``(B,)`` strengths; default uniform in ``alpha_range``.
 
         Returns:
-            ``x_t`` (B, C, *spatial), ``mask`` (B, 1, *spatial) soft shape m, ``alpha`` (B,) effective strength,
+            ``x_t`` (B, C, *spatial), ``mask`` (B, 1, *spatial) soft shape m, ``alpha`` (B,) effective strength
+            (with the official ``dag`` corruption the larger of the patch's and the bias's strength; 0 where nothing changed),
             ``t`` (B,) timesteps.
         """
         batch = x.shape[0]
@@ -79,7 +80,7 @@ class SyntheticAnomalyStep(nn.Module):
             alpha = low + (high - low) * torch.rand(batch, generator=self.generator)
         alpha = torch.as_tensor(alpha, dtype=x.dtype).reshape(batch).to(x.device)
         foreign = x.roll(1, dims=0)  # another healthy sample of the batch (B = 1: another place of the same image)
-        x_t, mask = self.corruption(x, foreign, alpha, foreground=foreground, generator=self.generator)
+        x_t, mask, alpha = self.corruption(x, foreign, alpha, foreground=foreground, generator=self.generator, return_alpha=True)
         changed = (x_t != x).flatten(1).any(dim=1)
         alpha = torch.where(changed, alpha, torch.zeros_like(alpha))
         return {"x_t": x_t, "mask": mask, "alpha": alpha, "t": self.schedule.timestep_for_alpha(alpha).to(x.device)}

@@ -30,7 +30,9 @@ CASES = {
     "fair_mri": ("fair", "mri", {"max_steps": 2, **SMALL_MRI}),
     "ddpm_partial": ("ddpm_partial", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "restoration_steps": 2}),
     "ddpm_kl": ("ddpm_kl", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "noise_scales": [20]}),
-    "disyre": ("disyre", None, {"max_steps": 2, "restoration_steps": 1, "slices_per_volume": 2, **SMALL_MRI}),
+    # DISYRE's MRI defaults changed after the layer (official dag corruption, EMA, augmentation): the settings of then
+    "disyre": ("disyre", None, {"max_steps": 2, "restoration_steps": 1, "slices_per_volume": 2, **SMALL_MRI,
+                                "bias_after_prob": 0.0, "augment": False, "ema_decay": None}),
     "disyre_ind": ("disyre", "industrial", {"image_size": 16, "widths": [8, 16], "max_steps": 2, "restoration_steps": 1,
                                             "batch_size": 2}),
     "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI}),

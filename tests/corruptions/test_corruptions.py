@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from medad.corruptions import (
+    OFFICIAL_BIAS_CODEBOOK,
     ForeignPatchCorruption,
     LargeCutPaste,
     PerlinTextureCorruption,
@@ -19,6 +20,7 @@ from medad.corruptions import (
     perlin_mask,
     perlin_noise,
     perlin_noise_2d,
+    quantized_range_mask,
     random_shape_mask,
     simplex_noise,
 )
@@ -189,6 +191,35 @@ def test_foreign_patch_corruption_intensity_bias_branch():
     inside = m > 0.5
     assert torch.allclose(shift[inside].abs(), torch.tensor(0.3), atol=1e-5)
     assert torch.equal(out[m == 0], x[m == 0])
+
+
+def test_official_dag_adds_a_bias_after_the_patch_and_reports_the_larger_strength():
+    x = torch.rand(3, 1, 64, 64, generator=gen(5)) * 0.5 + 0.25
+    xf = torch.roll(x, 1, 0)
+    plain = ForeignPatchCorruption(patch_size=24)
+    dag = ForeignPatchCorruption(patch_size=24, bias_after_prob=1.0)
+    alpha = torch.tensor([0.0, 0.3, 1.0])
+    x_plain, m_plain = plain(x, xf, alpha, generator=gen(6))
+    x_dag, m_dag, effective = dag(x, xf, alpha, generator=gen(6), return_alpha=True)
+    torch.testing.assert_close(m_dag, m_plain)  # same shapes: the bias draws come after the patch's
+    change = x_dag - x_plain
+    assert torch.equal(change[m_dag == 0], torch.zeros_like(change[m_dag == 0]))  # the bias stays in the shape
+    strength = (x_dag - x_plain).abs().flatten(1).amax(1)
+    assert (strength > 0).all()
+    torch.testing.assert_close(effective, torch.maximum(alpha, strength))
+    # without the second stage the strengths are the given ones and the draws are those of before
+    x_again, _, given = plain(x, xf, alpha, generator=gen(6), return_alpha=True)
+    torch.testing.assert_close(x_again, x_plain)
+    torch.testing.assert_close(given, alpha)
+
+
+def test_quantized_range_mask_keeps_whole_intensity_classes():
+    image = torch.zeros(1, 40, 40)
+    image[:, :, 20:] = 0.94  # two classes of the official codebook: 0.0057 (left) and 0.9385 (right)
+    shape = torch.ones(40, 40)
+    kept = {tuple(quantized_range_mask(image, shape, OFFICIAL_BIAS_CODEBOOK, gen(s))[20, [2, 37]].round().tolist())
+            for s in range(40)}
+    assert kept <= {(1.0, 1.0), (1.0, 0.0), (0.0, 1.0)} and len(kept) >= 2  # a class is kept whole, or all are
 
 
 def test_simplex_noise_normalised_correlated_deterministic():

@@ -48,3 +48,12 @@ def test_training_step_is_mse_of_the_x0_prediction_at_t_of_alpha():
     network = AnomalyUNet(2, 1, 1, channels=(8, 16), num_res_blocks=1, attention_levels=(False, False))
     SyntheticAnomalyStep(SCHEDULE, ForeignPatchCorruption(16), seed=1)(network, batch)["loss"].backward()
     assert all(p.grad is not None for p in network.parameters() if p.requires_grad)
+
+
+def test_official_dag_conditions_on_the_larger_of_the_two_strengths():
+    # trainer_disyre.py: t = t(max(alpha_texture, alpha_bias)) where alpha_bias is the bias's clipped change
+    x, fg = brains()
+    dag = ForeignPatchCorruption(16, bias_after_prob=1.0)
+    out = SyntheticAnomalyStep(SCHEDULE, dag, seed=2).corrupt(x, fg, alpha=torch.zeros(4))
+    assert (out["alpha"] > 0).all() and torch.equal(out["t"], SCHEDULE.timestep_for_alpha(out["alpha"]))
+    torch.testing.assert_close(out["alpha"], (out["x_t"] - x).abs().flatten(1).amax(1))
