@@ -216,7 +216,8 @@ def volume_loaders(
     """Brain-MRI loaders: 2D axial-slice training batches from healthy volumes; whole volumes for calibration/test.
 
     Args:
-        dataset_dir: folder of healthy (preprocessed) NIfTI volumes for training; None: the embedded demo.
+        dataset_dir: folder of healthy (preprocessed) NIfTI volumes for training; None: the embedded demo (also
+            as the test set unless ``test_dir`` is given).
         test_dir: folder of test volumes; test_mask_dir: their lesion masks (``<case>_mask.nii.gz`` etc.).
         brain_mask_dir: brain masks (``<case>_brain_mask.nii.gz``); default: nonzero voxels.
         pixdim: resample to this spacing in mm (None keeps the files' grid).
@@ -244,9 +245,14 @@ def volume_loaders(
             raise ValueError("either dataset_dir or demo_dir must be given.")
         with main_process_first():  # under DDP rank 0 writes the demo data once, the others read it
             root = data.make_demo_mri(Path(demo_dir), **(demo_kwargs or {}))
-        dataset_dir, test_dir = root / "train", root / "test"
-        test_mask_dir, brain_mask_dir = root / "test_masks", root / "brain_masks"
-    train_list = data.nifti_datalist(dataset_dir, brain_mask_dir=brain_mask_dir)
+        dataset_dir, train_brain_mask_dir = root / "train", root / "brain_masks"
+        if test_dir is None:
+            test_dir, test_mask_dir, brain_mask_dir = root / "test", root / "test_masks", root / "brain_masks"
+        # else: a model trained elsewhere (e.g. shipped weights, whose run has no dataset_dir) evaluated on the
+        # user's test volumes; the demo only stands in for the training set, never for the test set asked for
+    else:
+        train_brain_mask_dir = brain_mask_dir
+    train_list = data.nifti_datalist(dataset_dir, brain_mask_dir=train_brain_mask_dir)
     train_list, val_list = data.split_train_val(train_list, val_fraction, seed=seed)
     test_list = data.nifti_datalist(test_dir, mask_dir=test_mask_dir, brain_mask_dir=brain_mask_dir) if test_dir else []
     for item in test_list:

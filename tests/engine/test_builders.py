@@ -81,3 +81,23 @@ def test_test_volume_outside_the_training_space_is_named_in_a_warning(tmp_path):
     assert check.problems(brain_geometry(_ball(28, 10.2), np.eye(4))) == []
     assert [p.split()[0] for p in check.problems(brain_geometry(_ball(28, 10.2), np.diag([1.15] * 3 + [1])))] == ["brain"]
     assert len(check.problems(brain_geometry(_ball(28, 10.2), np.diag([1.3] * 3 + [1])))) == 4  # volume + 3 extents
+
+
+def test_without_a_training_set_the_test_volumes_asked_for_are_used_not_the_demo(tmp_path):
+    # a shipped model's run has no dataset_dir: `--workflow evaluate --run_dir bundles/<m> --test_dir T` must score
+    # T (the demo only stands in for the training set); before, the demo's test subjects were scored silently
+    test, masks = tmp_path / "mine", tmp_path / "mine_masks"
+    test.mkdir()
+    masks.mkdir()
+    _save(test / "patient.nii.gz", _ball(28, 10.0) * 0.6, spacing=4.0)
+    _save(masks / "patient_mask.nii.gz", _ball(28, 3.0), spacing=4.0)
+    loaders = volume_loaders(None, test_dir=test, test_mask_dir=masks, demo_dir=tmp_path / "demo", intensity=None,
+                             demo_kwargs={"num_train": 2, "num_test": 1, "spacing_mm": 8.0}, slices_per_volume=2,
+                             batch_size=2, val_fraction=0.5, cache=False, check_space=False)
+    names = [Path(b["image"].meta["filename_or_obj"][0]).name for b in loaders["test"]]
+    assert names == ["patient.nii.gz"]
+    assert len(loaders["train"].dataset.data) == 1 and "demo" in loaders["train"].dataset.data[0]["image"]
+    demo_only = volume_loaders(None, demo_dir=tmp_path / "demo", intensity=None, slices_per_volume=2, batch_size=2,
+                               demo_kwargs={"num_train": 2, "num_test": 1, "spacing_mm": 8.0}, val_fraction=0.5,
+                               cache=False)
+    assert [Path(b["image"].meta["filename_or_obj"][0]).parent.name for b in demo_only["test"]] == ["test"]
