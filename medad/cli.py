@@ -335,7 +335,8 @@ def _cohort(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", dest="baselines", action="store_false")
     parser.add_argument("-h", "--help", action="store_true")
-    args, unknown = parser.parse_known_args(argv)
+    # intermixed: options may come before the folders too (`summarize --no-baselines A B`)
+    args, unknown = parser.parse_known_intermixed_args(argv)
     if args.help or args.action is None:
         print(COHORT_USAGE)
         return 0 if args.help else 2

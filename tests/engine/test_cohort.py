@@ -56,3 +56,6 @@ def test_summarize_adds_the_baselines_an_evaluation_measured(tmp_path: Path):
     assert len(summarize([run], n_resamples=100, baselines=False)) == 1
     assert main(["cohort", "summarize", str(run), "--no-baselines", "--output", str(tmp_path / "t")]) == 0
     assert pd.read_csv(tmp_path / "t.csv").shape[0] == 1
+    # options before the folders work too
+    assert main(["cohort", "summarize", "--no-baselines", "--output", str(tmp_path / "u"), f"r={run}", str(run)]) == 0
+    assert pd.read_csv(tmp_path / "u.csv").shape[0] == 2
