@@ -13,7 +13,10 @@ is needed.
 The official default anomaly type is ``dag`` (``preprocessing/preprocessing.py`` ``get_ag_transforms``): the
 foreign patch, then an intensity bias in the same shape with its own strength, restricted to a random subset of
 the intensity classes of a 5-centroid codebook (``preprocessing/bias.py``); the trainer conditions on the larger
-of the two strengths. ``bias_after_prob=1`` with ``bias_codebook=OFFICIAL_BIAS_CODEBOOK`` reproduces it.
+of the two strengths. ``bias_after_prob=1`` with ``bias_codebook=OFFICIAL_BIAS_CODEBOOK`` reproduces these two
+stages; one difference remains: in ``dag`` mode the official FPI also rescales the foreign patch so that its
+minimum and maximum inside the shape match the destination's (``preprocessing/fpi.py``, ``normalize_fp='minmax'``:
+texture from the patch, intensity change from the bias); here the patch keeps its own intensities.
 """
 
 from __future__ import annotations
