@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from html.parser import HTMLParser
+from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -105,3 +109,19 @@ def report_cells(html: str) -> tuple[dict[str, str], str]:
     page = _ReportText()
     page.feed(html)
     return page.cells, " ".join(page.parts)
+
+
+def signal_when_ready(process: BaseProcess, ready: Callable[[], bool], sig: int, timeout: float, poll: float) -> None:
+    """Start ``process`` (a training), wait until ``ready()`` (at most ``timeout`` s), send it ``sig`` and wait for it
+    to end; it is killed if anything fails, so no test leaves a training behind."""
+    process.start()
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.is_alive() and not ready():
+            time.sleep(poll)
+        assert process.is_alive(), f"training ended early with exit code {process.exitcode}"
+        os.kill(process.pid, sig)
+        process.join(timeout=30)
+    finally:
+        if process.is_alive():
+            process.kill()

@@ -7,12 +7,10 @@ import gzip
 import hashlib
 import logging
 import multiprocessing
-import os
 import runpy
 import signal
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +36,7 @@ from medad.engine import (
     save_checkpoint,
 )
 from medad.engine.builders import image_folder_loader
+from tests.helpers import signal_when_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -261,19 +260,8 @@ def test_training_resumes_after_being_killed(tmp_path: Path, monkeypatch, capsys
     process = multiprocessing.get_context("fork").Process(
         target=_run_script, args=(str(script), ["100000", "0.02", str(ckpt)]), daemon=True
     )
-    process.start()
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.is_alive():
-            if ckpt.is_file() and load_checkpoint(ckpt)["step"] >= 3:
-                break
-            time.sleep(0.1)
-        assert process.is_alive(), f"training ended early with exit code {process.exitcode}"
-        os.kill(process.pid, signal.SIGKILL)
-        process.join(timeout=30)
-    finally:
-        if process.is_alive():
-            process.kill()
+    signal_when_ready(process, lambda: ckpt.is_file() and load_checkpoint(ckpt)["step"] >= 3, signal.SIGKILL,
+                      timeout=120, poll=0.1)
     assert process.exitcode == -signal.SIGKILL
     killed_at = load_checkpoint(ckpt)["step"]  # the last complete checkpoint (atomic writes)
     assert killed_at >= 3

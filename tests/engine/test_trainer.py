@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import runpy
 import signal
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from medad.engine import (
 )
 from medad.inferers import SliceAggregationInferer
 from medad.inferers.base import AnomalyInferer
+from tests.helpers import signal_when_ready
 
 # A tiny run that draws from every kind of random stream: the loader's shuffle (global torch RNG), MONAI random
 # transforms (their own numpy states), a training step's private torch.Generator, and the global numpy RNG.
@@ -92,17 +91,7 @@ def test_sigint_writes_a_checkpoint_and_the_rerun_ends_with_the_same_weights(tmp
     process = multiprocessing.get_context("fork").Process(
         target=_run_script, args=(str(script), ["14", "0.2", str(interrupted)]), daemon=True
     )
-    process.start()
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and process.is_alive() and _steps_done(interrupted) < 3:
-            time.sleep(0.02)
-        assert process.is_alive(), f"training ended early with exit code {process.exitcode}"
-        os.kill(process.pid, signal.SIGINT)
-        process.join(timeout=30)
-    finally:
-        if process.is_alive():
-            process.kill()
+    signal_when_ready(process, lambda: _steps_done(interrupted) >= 3, signal.SIGINT, timeout=60, poll=0.02)
     assert process.exitcode == 128 + signal.SIGINT
     stopped_at = load_checkpoint(interrupted / "checkpoint.pt")["step"]
     assert 3 <= stopped_at < 14 and stopped_at % 5 != 0, stopped_at  # mid-epoch, before the end
