@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 from html.parser import HTMLParser
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
+import pytest
 import torch
 
 from medad.diffusion import SyntheticAnomalySchedule
@@ -125,3 +127,18 @@ def signal_when_ready(process: BaseProcess, ready: Callable[[], bool], sig: int,
     finally:
         if process.is_alive():
             process.kill()
+
+
+#: the IXI head the MRI preprocessing tests run on (``../shared/data/ixi_t1_2mm``)
+IXI_CASE = "IXI012-HH-1211_T1"
+
+
+def ixi_cohort_input(ixi_dir: Path, root: Path) -> Path:
+    """``root/input`` holding a link to :data:`IXI_CASE` (a cohort of one for ``medad preprocess``); returns the
+    linked file. Skips the test when the head is not available."""
+    source = ixi_dir / f"{IXI_CASE}.nii.gz"
+    if not source.exists():
+        pytest.skip(f"{source} not available")
+    (root / "input").mkdir()
+    (root / "input" / source.name).symlink_to(source)
+    return source

@@ -31,8 +31,7 @@ from medad.transforms.mri import (  # noqa: E402
     load_registration_record,
     load_volume,
 )
-
-IXI_CASE = "IXI012-HH-1211_T1"
+from tests.helpers import IXI_CASE, ixi_cohort_input  # noqa: E402
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,13 +45,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def cohort(ixi_dir, tmp_path_factory):
     if importlib.util.find_spec("deepbet") is None:
         pytest.skip("deepbet is not installed")
-    source = ixi_dir / f"{IXI_CASE}.nii.gz"
-    if not source.exists():
-        pytest.skip(f"{source} not available")
     root = tmp_path_factory.mktemp("mri_cohort")
+    source = ixi_cohort_input(ixi_dir, root)
     inputs = root / "input"
-    inputs.mkdir()
-    (inputs / source.name).symlink_to(source)
     (inputs / "zz_corrupt.nii.gz").write_bytes(os.urandom(4096))
     output = root / "output"
     start = time.perf_counter()

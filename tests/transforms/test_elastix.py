@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import IXI_CASE, ixi_cohort_input
+
 sitk = pytest.importorskip("SimpleITK")
 # ITK's SWIG wrappers warn about their own types on import (nothing medad can change)
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")
 HAS_ITK = importlib.util.find_spec("itk") is not None
-IXI_CASE = "IXI012-HH-1211_T1"
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,12 +55,8 @@ def elastix_cohort(ixi_dir, tmp_path_factory):
         pytest.skip("itk-elastix is not installed (pip install \"medad[elastix]\")")
     if importlib.util.find_spec("deepbet") is None:
         pytest.skip("deepbet is not installed")
-    source = ixi_dir / f"{IXI_CASE}.nii.gz"
-    if not source.exists():
-        pytest.skip(f"{source} not available")
     root = tmp_path_factory.mktemp("elastix_cohort")
-    (root / "input").mkdir()
-    (root / "input" / source.name).symlink_to(source)
+    source = ixi_cohort_input(ixi_dir, root)
     output = root / "output"
     from medad.cli import main
 

@@ -27,8 +27,8 @@ from medad.transforms.mri import (  # noqa: E402
     metatensor_to_ants,
     metatensor_to_sitk,
 )
+from tests.helpers import IXI_CASE  # noqa: E402
 
-IXI_CASE = "IXI012-HH-1211_T1"
 # IXI files are stored sagittal-first (axis codes P, S, R), like this affine.
 PSR_AFFINE = np.array([[0.0, 0.0, 2.0, -88.2], [-2.0, 0.0, 0.0, 118.2], [0.0, 2.0, 0.0, -135.3], [0, 0, 0, 1]])
 
