@@ -309,7 +309,9 @@ def _stored_settings(files: Sequence[str], override: dict[str, Any], workflow: s
         return {}
     from medad.engine.run_folder import TRAINING_DATA_KEYS
 
-    data_keys = TRAINING_DATA_KEYS if workflow == "evaluate" else ()
+    # brain_geometry: the training volumes' brain size and extent, stored with shipped weights (whose training
+    # volumes are elsewhere), so evaluation and inference warn about volumes not in the training space
+    data_keys = (*TRAINING_DATA_KEYS, "brain_geometry") if workflow == "evaluate" else ("brain_geometry",)
     return settings_overrides(record, parser.get(), override, source=str(folder / "run.json"), data_keys=data_keys)
 
 

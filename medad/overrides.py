@@ -277,6 +277,8 @@ def _parse(key: str, text: str | None, default: Any) -> Any:
             raise OverrideError(f"--{key} takes a list such as \"[16, 32, 64]\", not {text!r}.")
         value = list(value)
     elif kind == "section" and not isinstance(value, dict):
+        if not isinstance(default, dict):  # a dict-valued setting that defaults to null
+            raise OverrideError(f"--{key} takes a dict such as \"{{'a': 1}}\" or none, not {text!r}.")
         entries = ", ".join(f"--{key}{_SEP}{n}" for n in list(default)[:4] if not n.startswith("_"))
         raise OverrideError(f"--{key} is a config section, not a single value; set one of its entries ({entries}).")
     return "$None" if value is None else value

@@ -3,7 +3,8 @@
 
 Copies ``<run_dir>/models/model.pt`` (weights + calibration) and ``calibration.json`` into ``bundles/<name>/models/``
 and writes ``bundles/<name>/run.json``: the run's record with its ``data`` entry (absolute paths of the machine
-that trained it) replaced by ``trained_on`` (what the data were, their licence, the training command), so that
+that trained it) replaced by ``trained_on`` (what the data were, their licence, the training command) and, for MRI,
+by the training volumes' brain geometry (``data.brain_geometry``: volume and extent ranges), so that
 ``inference`` rebuilds the network from it and ``evaluate --run_dir bundles/<name>`` works on any machine::
 
     python scripts/ship_weights.py --run_dir runs/fair/bottle-1234abcd --bundle fair \\
@@ -50,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("model.pt", "calibration.json"):
         if (run_dir / "models" / name).is_file():
             shutil.copy2(run_dir / "models" / name, target / "models" / name)
-    record.pop("data", None)
+    data = record.pop("data", None) or {}
+    if record.get("settings", {}).get("data") == "mri" and data.get("dataset_dir"):
+        # the training volumes' brain size and extent travel with the weights: evaluation and inference warn about
+        # a volume outside them (not preprocessed into the training space) on machines without those volumes
+        from medad.data import nifti_datalist
+        from medad.transforms.mri import brain_geometry_range
+
+        items = nifti_datalist(data["dataset_dir"], brain_mask_dir=data.get("brain_mask_dir"))
+        record["data"] = {"brain_geometry": brain_geometry_range(items)}
     record["trained_on"] = {"data": args.data, "licence": args.licence, "command": args.command,
                             "notes": args.notes}
     (target / "run.json").write_text(json.dumps(record, indent=2) + "\n")

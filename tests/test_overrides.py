@@ -22,7 +22,7 @@ from medad.overrides import (
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 FAIR_TRAIN = bundle.config_files(REPO / "bundles" / "fair", "train")
-TYPES = {"bool", "int", "float", "str", "list"}
+TYPES = {"bool", "int", "float", "str", "list", "section"}  # section: a dict value (e.g. a stored brain_geometry)
 
 
 def _workflow_files(name: str) -> list[list[str]]:
@@ -72,6 +72,11 @@ def test_types_are_checked_against_the_defaults():
     ]:
         with pytest.raises(OverrideError, match=message):
             check_overrides(FAIR_TRAIN, {key: text})
+    # a dict-valued key that defaults to null (MRI: the stored brain geometry of a model's training volumes)
+    mri = bundle.config_files(REPO / "bundles" / "disyre", "inference")
+    assert check_overrides(mri, {"brain_geometry": "{'volume_ml': [1, 2]}"}) == {"brain_geometry": {"volume_ml": [1, 2]}}
+    with pytest.raises(OverrideError, match="takes a dict"):
+        check_overrides(mri, {"brain_geometry": "5"})
 
 
 @pytest.mark.parametrize("workflow", ["train", "inference"])

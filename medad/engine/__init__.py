@@ -3,7 +3,13 @@
 The training steps (what one batch costs) are the methods' own and live in :mod:`medad.methods`.
 """
 
-from .builders import image_folder_loader, image_loaders, slice_training_transforms, volume_loaders
+from .builders import (
+    image_folder_loader,
+    image_loaders,
+    slice_training_transforms,
+    volume_input_transforms,
+    volume_loaders,
+)
 from .checkpoint import CheckpointMismatchError, load_checkpoint, load_network_weights, save_checkpoint
 from .distributed import (
     all_reduce_mean,

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
+from medad.transforms.augment import AugmentingCollate, RandSliceAugmentation
+
 from .distributed import is_distributed, main_process_first
 
-__all__ = ["image_loaders", "image_folder_loader", "volume_loaders", "slice_training_transforms", "slice_augmentation"]
+__all__ = [
+    "image_loaders", "image_folder_loader", "volume_loaders", "volume_input_transforms", "slice_training_transforms",
+    "slice_augmentation",
+]
 
 
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False) -> DataLoader:
+def _loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
     sampler = None
     if shuffle and is_distributed():
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)  # each rank sees its own share
@@ -26,6 +34,7 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, 
         sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
+        **({"collate_fn": collate_fn} if collate_fn is not None else {}),
     )
 
 
@@ -124,42 +133,19 @@ def image_folder_loader(
     return _loader(Dataset(items, data.image_transforms(image_size, channels, augment=False)), batch_size, False, num_workers)
 
 
-def slice_augmentation(image_key: str = "image", brain_mask_key: str = "brain_mask", patch_size: Sequence[int] | None = None) -> list:
-    """DISYRE's official training augmentation of 2D slices, as MONAI ``Rand*d`` transforms.
+def slice_augmentation(
+    image_key: str = "image", brain_mask_key: str = "brain_mask", patch_size: Sequence[int] | None = None
+) -> AugmentingCollate:
+    """DISYRE's official training augmentation (:class:`medad.transforms.augment.RandSliceAugmentation`) as the
+    ``collate_fn`` of a slice loader: each collated batch is augmented at once, every slice with its own draws.
 
-    The official loader (``snavalm/disyre`` ``preprocessing/preprocessing.py``, batchgenerators) applies, per
-    sample: elastic deformation, rotation ±15° and scaling 0.75-1.25 (each p = 0.1), mirroring on every axis
-    (p = 0.5 each), then multiplicative brightness 0.9-1.1, gamma 0.5-2 and inverted gamma 0.5-2, Gaussian noise
-    (variance up to 0.05) and Gaussian blur σ 0.5-1.5 (each p = 0.15), and clips to [0, 1]. The spatial part moves
-    the image (bilinear) and the brain mask (nearest) together; the intensity part touches the image only.
-    Deviations: MONAI's elastic field (control points every ``patch/8`` pixels, displacement 0-``patch/16``) for
-    batchgenerators' (σ and magnitude drawn per case), bilinear instead of cubic image interpolation, noise std
-    drawn uniformly in [0, √0.05] rather than its variance.
+    The elastic field's control-point spacing and magnitude follow the training patch (``patch / 8`` pixels,
+    displacement 0-``patch / 16``; 128 when whole slices are used).
     """
-    import functools
-    import math
-
-    from monai import transforms as mt
-
-    keys = [image_key, brain_mask_key]
     side = min(patch_size) if patch_size else 128
-    modes = ("bilinear", "nearest")
-    return [
-        mt.Rand2DElasticd(keys, spacing=(max(2, side // 8),) * 2, magnitude_range=(0.0, max(1.0, side / 16)), prob=0.1,
-                          mode=modes, padding_mode="zeros"),
-        mt.RandRotated(keys, range_x=math.radians(15), prob=0.1, mode=modes, padding_mode="zeros"),
-        mt.RandZoomd(keys, min_zoom=0.75, max_zoom=1.25, prob=0.1, mode=("bilinear", "nearest"), padding_mode="constant",
-                     keep_size=True),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
-        mt.RandScaleIntensityd(image_key, factors=0.1, prob=0.15),
-        mt.RandAdjustContrastd(image_key, gamma=(0.5, 2.0), prob=0.15),
-        mt.RandAdjustContrastd(image_key, gamma=(0.5, 2.0), prob=0.15, invert_image=True, retain_stats=True),
-        mt.RandGaussianNoised(image_key, prob=0.15, mean=0.0, std=math.sqrt(0.05)),
-        mt.RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=0.15),
-        mt.Lambdad(image_key, functools.partial(torch.clamp, min=0.0, max=1.0)),
-        mt.EnsureTyped(keys, dtype=torch.float32),
-    ]
+    augmentation = RandSliceAugmentation(image_key, brain_mask_key, elastic_spacing=max(2, side // 8),
+                                         elastic_magnitude=(0.0, max(1.0, side / 16)))
+    return AugmentingCollate(augmentation)
 
 
 def slice_training_transforms(
@@ -168,28 +154,40 @@ def slice_training_transforms(
     size_divisor: int,
     image_key: str = "image",
     brain_mask_key: str = "brain_mask",
-    augment: bool = False,
 ) -> list:
     """Random axial slices (through the brain) of a loaded ``(1, X, Y, Z)`` volume, as ``(1, H, W)`` patches.
 
     Slices are drawn in proportion to their brain voxels (:class:`medad.transforms.slices.RandBrainSlicesd`, the
     sampling of ``RandCropByPosNegLabeld`` on the brain mask in one plain-tensor call), so training never sees
     empty slices; with ``patch_size`` each is randomly cropped (DISYRE trains on 128² patches of axial slices) and
-    then zero-padded to a multiple of ``size_divisor``. ``augment`` adds DISYRE's official spatial and intensity
-    augmentation (:func:`slice_augmentation`) to image and brain mask alike. Only the image and the brain mask are
-    kept: training needs nothing else.
+    then zero-padded to a multiple of ``size_divisor``. Only the image and the brain mask are kept: training needs
+    nothing else (the augmentation, when asked for, runs on whole batches: :func:`slice_augmentation`).
     """
-    from monai import transforms as mt
-
     from medad.transforms.slices import RandBrainSlicesd
 
     keys = [image_key, brain_mask_key]
-    chain: list = [RandBrainSlicesd(keys, label_key=brain_mask_key, num_samples=slices_per_volume,
-                                    patch_size=patch_size, size_divisor=size_divisor)]
-    if augment:
-        chain += slice_augmentation(image_key, brain_mask_key, patch_size)
-        chain.append(mt.DivisiblePadd(keys, k=size_divisor))
-    return chain
+    return [RandBrainSlicesd(keys, label_key=brain_mask_key, num_samples=slices_per_volume, patch_size=patch_size,
+                             size_divisor=size_divisor)]
+
+
+def volume_input_transforms(
+    pixdim: float | Sequence[float] | None = None,
+    intensity: str | None = None,
+    space_reference: dict[str, Any] | None = None,
+    space_tolerance: float = 0.1,
+) -> Callable:
+    """Load a test or input volume as a model expects it (:func:`medad.data.volume_transforms`) and, given the
+    brain geometry of the model's training volumes (``space_reference``), warn, naming the file, when the volume's
+    brain is more than ``space_tolerance`` outside it (:class:`medad.transforms.mri.CheckBrainGeometryd`)."""
+    from monai import transforms as mt
+
+    from medad import data
+    from medad.transforms.mri import CheckBrainGeometryd
+
+    load = data.volume_transforms(pixdim=pixdim, intensity=intensity)
+    if not space_reference:
+        return load
+    return mt.Compose([load, CheckBrainGeometryd("brain_mask", space_reference, tolerance=space_tolerance)])
 
 
 def volume_loaders(
@@ -212,6 +210,7 @@ def volume_loaders(
     augment: bool = False,
     check_space: bool = True,
     space_tolerance: float = 0.1,
+    space_reference: dict[str, Any] | None = None,
 ) -> dict[str, DataLoader]:
     """Brain-MRI loaders: 2D axial-slice training batches from healthy volumes; whole volumes for calibration/test.
 
@@ -232,6 +231,8 @@ def volume_loaders(
         check_space: warn, naming the file, when a test volume's brain volume or extent is more than
             ``space_tolerance`` outside the training volumes' range (not preprocessed into the same space:
             :class:`medad.transforms.mri.CheckBrainGeometryd`).
+        space_reference: that range as stored with a model (``run.json`` ``data.brain_geometry`` of shipped
+            weights, whose training volumes are not on this machine); None computes it from the training volumes.
 
     Returns:
         ``{"train", "val", "test"}``: ``train`` yields ``image``/``brain_mask`` (B·S, 1, H, W); ``val`` and ``test``
@@ -261,18 +262,18 @@ def volume_loaders(
     load = data.volume_transforms(pixdim=pixdim, intensity=intensity)
     # flat: CacheDataset caches up to the first random transform, and a nested Compose counts as random, so the
     # loaded, resampled volumes were not cached and every training step read and resampled them again
-    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor,
-                                                            augment=augment)]).flatten()
+    train_tf = mt.Compose([load, *slice_training_transforms(slices_per_volume, patch_size, size_divisor)]).flatten()
     test_tf = load
     if check_space and test_list:
-        from medad.transforms.mri import CheckBrainGeometryd, brain_geometry_range
+        from medad.transforms.mri import brain_geometry_range
 
-        reference = brain_geometry_range(train_list + val_list)
-        test_tf = mt.Compose([load, CheckBrainGeometryd("brain_mask", reference, tolerance=space_tolerance)])
+        reference = space_reference or brain_geometry_range(train_list + val_list)
+        test_tf = volume_input_transforms(pixdim, intensity, reference, space_tolerance)
     dataset_type = CacheDataset if cache else Dataset
     kwargs = {"progress": False} if cache else {}
     loaders = {
-        "train": _loader(dataset_type(train_list, train_tf, **kwargs), batch_size, True, num_workers),
+        "train": _loader(dataset_type(train_list, train_tf, **kwargs), batch_size, True, num_workers,
+                         collate_fn=slice_augmentation(patch_size=patch_size) if augment else None),
         "val": _loader(Dataset(val_list, load), 1, False, num_workers),
     }
     if test_list:

@@ -103,6 +103,15 @@ def calibrate_thresholds(
     values = np.concatenate(
         [m[r > 0] if r is not None else m.ravel() for m, r in zip(normal_maps, regions or [None] * len(normal_maps))]
     )
+    needed = math.ceil(1.0 / image_fpr - 1e-9) if image_fpr > 0 else None
+    if needed is not None and len(image_scores) < needed:
+        # e.g. 3 calibration volumes at 5 %: the threshold is just above the largest of 3 normal scores, and a
+        # fresh normal volume exceeds the largest of n exchangeable ones with probability 1 / (n + 1) = 25 %
+        logger.warning(
+            "the image threshold comes from %d normal case(s): at least %d are needed to estimate a %.0f %% false-"
+            "positive rate, so image-level decisions are unreliable (the pixel threshold, from %d values, is not "
+            "affected); hold out more normal cases (--val_fraction) for image decisions.",
+            len(image_scores), needed, 100 * image_fpr, values.size)
     return {
         "image_threshold": metrics.threshold_at_fpr(image_scores, image_fpr),
         "pixel_threshold": metrics.threshold_at_fpr(values, pixel_fpr),
@@ -111,6 +120,7 @@ def calibrate_thresholds(
         "normal_map_mean": float(values.mean()),
         "normal_map_std": float(values.std()),
         "num_calibration_cases": int(len(image_scores)),
+        "image_threshold_reliable": bool(needed is None or len(image_scores) >= needed),
     }
 
 

@@ -8,6 +8,7 @@ path is not refused). ``inference`` without ``--run_dir`` uses them.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,12 @@ def test_shipped_weights_are_small_recorded_calibrated_and_documented(name: str)
     folder = REPO / "bundles" / name
     assert (folder / "models" / "model.pt").stat().st_size < MAX_BYTES
     record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    assert record["bundle"] == name and "data" not in record and record["trained_on"]["licence"]
+    assert record["bundle"] == name and record["trained_on"]["licence"]
+    # no paths of the training machine; MRI models carry their training volumes' brain geometry instead
+    assert set(record.get("data", {})) <= {"brain_geometry"}
+    if record["settings"].get("data") == "mri":
+        geometry = record["data"]["brain_geometry"]
+        assert geometry["num_cases"] >= 20 and len(geometry["extent_mm"]) == 3
     checkpoint = torch.load(folder / "models" / "model.pt", weights_only=False, map_location="cpu")
     assert checkpoint["bundle"] == name
     calibration = checkpoint.get("calibration") or json.loads((folder / "models" / "calibration.json").read_text(encoding="utf-8"))
@@ -53,6 +59,34 @@ def test_shipped_fair_finds_the_bottle_defects(mvtec_bottle: Path, tmp_path: Pat
     # measured 2026-12-01 (docs/results.md); a margin below for thread-count rounding, none for a broken pipeline
     assert metrics["image_auroc"] >= 0.95 and metrics["pixel_auroc"] >= 0.90
     assert metrics["border_top_share_normal"] <= 2 * metrics["border_area_share"]
+
+
+@pytest.mark.skipif("disyre" not in SHIPPED, reason="no shipped DISYRE weights")
+def test_shipped_mri_weights_warn_about_a_volume_outside_their_training_space(tmp_path: Path):
+    """Inference with the shipped model compares each input's brain with the stored geometry of the IXI heads it
+    was trained on (run.json), not with the embedded demo: a brain 15 % wider (half as large again) is named in a
+    warning."""
+    import nibabel as nib
+    import numpy as np
+
+    record = json.loads((REPO / "bundles" / "disyre" / "run.json").read_text(encoding="utf-8"))
+    lo, hi = record["data"]["brain_geometry"]["volume_ml"]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    grid = np.indices((48, 56, 48)).astype(np.float32)
+    # an ellipsoid as wide as the smallest training brain has about its volume (ellipsoids are fuller than brains)
+    for name, scale in (("in_space", 1.0), ("too_large", 1.15)):
+        semi = [scale * e[0] / 2 / 4.0 for e in record["data"]["brain_geometry"]["extent_mm"]]
+        centre = [23.5, 27.5, 23.5]
+        brain = sum(((grid[i] - centre[i]) / semi[i]) ** 2 for i in range(3)) <= 1
+        nib.save(nib.Nifti1Image((brain * 0.6).astype(np.float32), np.diag([4.0, 4.0, 4.0, 1.0])),
+                 str(folder / f"{name}.nii.gz"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bundle.run(REPO / "bundles" / "disyre", "inference", input_dir=str(folder), output_dir=str(tmp_path / "out"),
+                   save_maps="none", num_overlays=0, **{"evaluator#progress": False})
+    warned = [str(w.message) for w in caught if "training space" in str(w.message)]
+    assert len(warned) == 1 and "too_large.nii.gz" in warned[0] and f"training {lo:.0f}-{hi:.0f} ml" in warned[0]
 
 
 @pytest.mark.skipif("disyre" not in SHIPPED, reason="no shipped DISYRE weights")

@@ -382,3 +382,26 @@ def test_volumes_get_the_intensity_baseline_too(tmp_path: Path):
         truth.append(case["mask"][0, 0][inside].numpy() > 0.5)
     assert intensity["pixel_auroc"] == pytest.approx(roc_auc_score(np.concatenate(truth), np.concatenate(values)))
     assert intensity["pixel_auroc"] > 0.99 and result["baselines"]["zscore"]["pixel_auroc"] > 0.99
+
+
+def test_an_image_threshold_from_fewer_normal_cases_than_its_rate_needs_is_flagged():
+    # 3 calibration volumes at a 5 % image false-positive rate: the threshold is just above the largest of 3 normal
+    # scores (a training-side IXI head of the shipped DISYRE model scored above it); the record and the log say so
+    from medad.engine import calibrate_thresholds
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("medad.evaluate")
+    disabled, log.disabled = log.disabled, False  # a bundle run's logging.conf may have disabled it
+    log.addHandler(handler)
+    rng = np.random.default_rng(0)
+    try:
+        few = calibrate_thresholds(np.array([0.1, 0.2, 0.3]), [rng.random((8, 8)) for _ in range(3)], 0.05, 0.01)
+        enough = calibrate_thresholds(np.linspace(0, 1, 20), [rng.random((8, 8)) for _ in range(20)], 0.05, 0.01)
+    finally:
+        log.removeHandler(handler)
+        log.disabled = disabled
+    assert few["image_threshold_reliable"] is False and enough["image_threshold_reliable"] is True
+    assert [r.levelname for r in records] == ["WARNING"] and "from 3 normal case(s)" in records[0].getMessage()
+    assert "at least 20 are needed" in records[0].getMessage()
