@@ -33,7 +33,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from medad.data.transforms import DropNoneKeysd, EnsureMaskd
+from medad.data.transforms import DropNoneKeysd, EnsureMaskd, GaussianAntiAliasd
 from medad.data.validation import CheckInputd, LoadInputd, check_files
 
 __all__ = [
@@ -249,7 +249,7 @@ def volume_transforms(
         lower, upper: percentiles for ``intensity="percentile"``.
         image_key, mask_key, brain_mask_key: datalist keys.
         anti_aliasing: with ``pixdim``, low-pass the image before it is resampled to a coarser grid
-            (:class:`medad.transforms.mri.GaussianAntiAliasd`, scikit-image's ``anti_aliasing`` rule).
+            (:class:`medad.data.transforms.GaussianAntiAliasd`, scikit-image's ``anti_aliasing`` rule).
         reader: ``"auto"`` (ITK when installed), ``"itk"`` (MONAI's ITKReader) or ``"sitk"`` (nibabel for NIfTI,
             SimpleITK for DICOM series and NRRD); both give the same arrays and affines (:mod:`medad.data.readers`).
     """
@@ -267,9 +267,7 @@ def volume_transforms(
         Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
     ]
     if pixdim is not None:
-        if anti_aliasing:  # Gaussian pre-filter where the new grid is coarser (lazy import: no cycle with medad.data)
-            from medad.transforms.mri import GaussianAntiAliasd
-
+        if anti_aliasing:  # Gaussian pre-filter where the new grid is coarser
             transforms.append(GaussianAntiAliasd(image_key, pixdim=pixdim))
         transforms.append(
             Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True)

@@ -1,4 +1,5 @@
-"""Dictionary transforms that load 2D inspection images and their masks as ``(C, H, W)`` tensors.
+"""Dictionary transforms that load 2D inspection images and their masks as ``(C, H, W)`` tensors, and the
+anti-aliasing pre-filter of volumes about to be resampled to a coarser grid (:class:`GaussianAntiAliasd`).
 
 MONAI's ``PILReader`` swaps the first two axes by default (``reverse_indexing=True``, giving
 ``(W, H)`` arrays); here it is built with ``reverse_indexing=False`` so that axis 1 of every tensor
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +37,12 @@ __all__ = [
     "pil_converter",
     "image_reader",
     "image_transforms",
+    "anti_aliasing_sigma",
+    "GaussianAntiAliasd",
 ]
 
 from medad.data.validation import CheckInputd, LoadInputd
+from medad.scores.filters import gaussian_filter_map
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") uses, so gray images match PIL's.
 _LUMA = (0.299, 0.587, 0.114)
@@ -298,3 +303,47 @@ def image_transforms(
     transforms.append(EnsureTyped(keys, dtype=torch.float32))
     return Compose(transforms)
 
+
+def anti_aliasing_sigma(current: Sequence[float], target: Sequence[float]) -> list[float]:
+    """Gaussian σ in voxels before resampling from spacing ``current`` to ``target`` (mm), per axis.
+
+    scikit-image's ``resize(anti_aliasing=True)`` rule ``σ = max(0, (zoom - 1) / 2)`` with ``zoom = target /
+    current``: 0 on axes that keep or refine their spacing, 0.5 for a 2x coarser grid.
+    """
+    return [max(0.0, (float(t) / float(c) - 1.0) / 2.0) for c, t in zip(current, target)]
+
+
+class GaussianAntiAliasd(MapTransform):
+    """Gaussian pre-filter of the axes that a later ``Spacingd(pixdim)`` makes coarser (anti-aliasing).
+
+    ``Spacingd`` interpolates without low-pass filtering, so downsampling a 1 mm volume to 2 mm aliases fine
+    texture into patterns a restoration model then learns as normal (DISYRE's data are downsampled with
+    anti-aliasing, issue #11). Put this
+    right before ``Spacingd`` with the same ``pixdim``; it reads the current voxel size from the MetaTensor's
+    affine and filters with :func:`anti_aliasing_sigma` (edge-replicating borders, so a constant stays
+    constant). Masks must not go through it (they are resampled with nearest neighbours).
+
+    Args:
+        keys: image keys (channel-first MetaTensors ``(C, *spatial)``).
+        pixdim: the target voxel size in mm, one value or one per axis.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim: float | Sequence[float], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = pixdim
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            spatial_dims = image.ndim - 1
+            current = [float(v) for v in torch.as_tensor(image.pixdim)[:spatial_dims]] if isinstance(
+                image, MetaTensor) else [1.0] * spatial_dims
+            target = [float(self.pixdim)] * spatial_dims if np.isscalar(self.pixdim) else list(self.pixdim)
+            # Spacingd keeps an axis whose target is <= 0 or missing; so does the filter
+            target = [t if t and t > 0 else c for c, t in zip(current, list(target) + current[len(target):])]
+            sigma = anti_aliasing_sigma(current, target)
+            if any(s > 0 for s in sigma):
+                d[key] = gaussian_filter_map(image[None].float(), sigma, padding_mode="replicate")[0]
+        return d

@@ -1,15 +1,15 @@
 """Baselines measured beside every evaluation: the same test cases, the same pixels, the same metric code.
 
 :class:`~medad.engine.AnomalyEvaluator` (option ``baselines``, default ``"auto"``) scores its test cases a second
-time with the two baselines of :mod:`medad.methods.baselines` after the method's cases are done, and stores their
-metrics in ``metrics.json`` under ``baselines`` (``{name: {metric: value, ..., "num_normal_images": n}}``);
+time with the two baselines (their models: :mod:`medad.networks.baselines`) after the method's cases are done, and
+stores their metrics in ``metrics.json`` under ``baselines`` (``{name: {metric: value, ..., "num_normal_images": n}}``);
 ``report.html`` puts them beside the method's.
 
-- ``zscore``: a :class:`~medad.methods.baselines.PixelGaussian` fitted in one pass over the evaluator's
+- ``zscore``: a :class:`~medad.networks.baselines.PixelGaussian` fitted in one pass over the evaluator's
   ``calibration_loader`` (held-out normal images, loaded like the test images), map ``|z|`` (max over channels),
   as the ``zscore`` bundle. It is fitted on the calibration set, not on the training set: with few calibration
   images it is a weaker z-score model than the ``zscore`` bundle's.
-- ``intensity`` (volumes only under ``"auto"``): :class:`~medad.methods.baselines.BrainIntensity`, the image
+- ``intensity`` (volumes only under ``"auto"``): :class:`~medad.networks.baselines.BrainIntensity`, the image
   z-scored within its nonzero voxels, bright deviations (Meissen et al. 2021), as the ``intensity`` bundle. Nothing
   is fitted.
 
@@ -80,7 +80,7 @@ def parse_baselines(option: str | Sequence[str] | None) -> str | tuple[str, ...]
 
 def own_baseline(network: torch.nn.Module | None, bundle: str | None) -> str | None:
     """The baseline this evaluation *is* (the zscore / intensity bundle), else None."""
-    from medad.methods.baselines import BrainIntensity, PixelGaussian
+    from medad.networks.baselines import BrainIntensity, PixelGaussian
 
     from .distributed import unwrap
 
@@ -98,7 +98,7 @@ def _plain(value: torch.Tensor) -> torch.Tensor:
 
 def _fit_zscore(loader: Iterable[Mapping[str, Any]], device: torch.device) -> tuple[Any | None, str | None]:
     """A PixelGaussian of the calibration images, or ``(None, why not)``."""
-    from medad.methods.baselines import PixelGaussian
+    from medad.networks.baselines import PixelGaussian
 
     model = PixelGaussian(STD_FLOOR).to(device)
     for batch in clear_input_errors(loader):
@@ -163,7 +163,7 @@ def _score(
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """One pass over the calibration images (zscore), one over the test images (every baseline)."""
     from medad.inferers.baselines import GaussianScoreInferer, IntensityScoreInferer
-    from medad.methods.baselines import BrainIntensity
+    from medad.networks.baselines import BrainIntensity
     from medad.scores import topk_mean_score
 
     from .evaluator import _case_ids, _region

@@ -41,7 +41,7 @@ def _reduce_channels(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 class GaussianScoreInferer(AnomalyInferer):
-    """z-score of each pixel / voxel under a per-pixel Gaussian (:class:`medad.methods.baselines.PixelGaussian`).
+    """z-score of each pixel / voxel under a per-pixel Gaussian (:class:`medad.networks.baselines.PixelGaussian`).
 
     ``network(images)`` gives ``(B, 2C, *spatial)``: mean (``:C``) and floored std (``C:``). Then
     ``z = (x − mean) / std`` per channel, the deviation per ``signed`` (:func:`signed_deviation`), reduced over
@@ -74,7 +74,7 @@ class GaussianScoreInferer(AnomalyInferer):
 class IntensityScoreInferer(AnomalyInferer):
     """Intensity thresholding within the brain: the normalised image is the anomaly map (Meissen et al. 2021).
 
-    ``network(images)`` is :class:`medad.methods.baselines.BrainIntensity` (intensities normalised within the
+    ``network(images)`` is :class:`medad.networks.baselines.BrainIntensity` (intensities normalised within the
     foreground, 0 outside). The map is the deviation per ``signed`` (default ``True``: bright lesions, as FLAIR
     hyperintensities), max over channels. The restoration is a flat brain at each image's mean foreground
     intensity (no model of normal anatomy exists here), so overlays show the image against its own average.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from monai.data import list_data_collate
 from monai.transforms import Randomizable
 
-__all__ = ["RandSliceAugmentation", "AugmentingCollate"]
+__all__ = ["RandSliceAugmentation", "RandFlipBatch", "AugmentingCollate"]
 
 
 def _gaussian_kernels(sigmas: torch.Tensor, truncated: float = 4.0) -> torch.Tensor:
@@ -244,6 +244,40 @@ class RandSliceAugmentation(Randomizable):
         if self.clip is not None:
             image = image.clamp(*self.clip)
         return image
+
+
+class RandFlipBatch(Randomizable):
+    """Mirror each image of a batch (and its mask alike) along H and along W, each with probability ``prob``.
+
+    The same draws' distribution as two MONAI ``RandFlipd`` per image (the industrial bundles' augmentation), in two
+    tensor operations for the whole batch instead of meta-data-tracking transforms on every cached image (11-12 %
+    of a quick ddpm_partial / ddpm_kl training step, docs/results.md "Training throughput").
+
+    Args:
+        keys: batch entries ``(N, C, H, W)`` flipped alike (missing keys are skipped).
+        prob: probability of each of the two flips.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "mask"), prob: float = 0.5) -> None:
+        self.keys = (keys,) if isinstance(keys, str) else tuple(keys)
+        self.prob = float(prob)
+
+    def randomize(self, data: Any = None) -> None:  # the draws depend on the batch size: see __call__
+        pass
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        present = [k for k in self.keys if isinstance(batch.get(k), torch.Tensor)]
+        if not present:
+            return out
+        n = batch[present[0]].shape[0]
+        flips = torch.from_numpy(self.R.random_sample((n, 2)) < self.prob)
+        for key in present:
+            value = batch[key]
+            for axis, dim in ((0, -2), (1, -1)):
+                value = torch.where(flips[:, axis].view(n, *[1] * (value.ndim - 1)), value.flip(dim), value)
+            out[key] = value
+        return out
 
 
 class AugmentingCollate:

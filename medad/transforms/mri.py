@@ -52,6 +52,7 @@ from monai.transforms import MapTransform, Orientation
 from scipy import ndimage
 
 from medad.data.templates import load_mni152
+from medad.data.transforms import GaussianAntiAliasd, anti_aliasing_sigma
 
 # N4 and registration are multi-threaded ITK filters that sum in thread order: two runs of `medad preprocess` on the
 # same IXI head differed by up to 0.6 in intensity and in 2,110 brain-mask voxels, enough to move lesions inserted
@@ -899,53 +900,6 @@ def apply_forward_transform(moving: MetaTensor | torch.Tensor | np.ndarray | str
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading-time helpers: anti-aliased downsampling, and a check that test volumes are in the training space.
-
-
-def anti_aliasing_sigma(current: Sequence[float], target: Sequence[float]) -> list[float]:
-    """Gaussian σ in voxels before resampling from spacing ``current`` to ``target`` (mm), per axis.
-
-    scikit-image's ``resize(anti_aliasing=True)`` rule ``σ = max(0, (zoom - 1) / 2)`` with ``zoom = target /
-    current``: 0 on axes that keep or refine their spacing, 0.5 for a 2x coarser grid.
-    """
-    return [max(0.0, (float(t) / float(c) - 1.0) / 2.0) for c, t in zip(current, target)]
-
-
-class GaussianAntiAliasd(MapTransform):
-    """Gaussian pre-filter of the axes that a later ``Spacingd(pixdim)`` makes coarser (anti-aliasing).
-
-    ``Spacingd`` interpolates without low-pass filtering, so downsampling a 1 mm volume to 2 mm aliases fine
-    texture into patterns a restoration model then learns as normal (DISYRE's data are downsampled with
-    anti-aliasing, issue #11). Put this
-    right before ``Spacingd`` with the same ``pixdim``; it reads the current voxel size from the MetaTensor's
-    affine and filters with :func:`anti_aliasing_sigma` (edge-replicating borders, so a constant stays
-    constant). Masks must not go through it (they are resampled with nearest neighbours).
-
-    Args:
-        keys: image keys (channel-first MetaTensors ``(C, *spatial)``).
-        pixdim: the target voxel size in mm, one value or one per axis.
-        allow_missing_keys: don't raise if a key is missing.
-    """
-
-    def __init__(self, keys: KeysCollection, pixdim: float | Sequence[float], allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.pixdim = pixdim
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from medad.scores.filters import gaussian_filter_map
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key]
-            spatial_dims = image.ndim - 1
-            current = [float(v) for v in torch.as_tensor(image.pixdim)[:spatial_dims]] if isinstance(
-                image, MetaTensor) else [1.0] * spatial_dims
-            target = [float(self.pixdim)] * spatial_dims if np.isscalar(self.pixdim) else list(self.pixdim)
-            # Spacingd keeps an axis whose target is <= 0 or missing; so does the filter
-            target = [t if t and t > 0 else c for c, t in zip(current, list(target) + current[len(target):])]
-            sigma = anti_aliasing_sigma(current, target)
-            if any(s > 0 for s in sigma):
-                d[key] = gaussian_filter_map(image[None].float(), sigma, padding_mode="replicate")[0]
-        return d
 
 
 def brain_geometry(brain_mask: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray) -> dict[str, Any]:

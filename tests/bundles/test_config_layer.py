@@ -28,8 +28,11 @@ ADDM_NET = {"network_def#channels": [8, 16], "network_def#attention_levels": [Fa
 CASES = {
     "fair": ("fair", None, {"max_steps": 3, "image_size": 32}),
     "fair_mri": ("fair", "mri", {"max_steps": 2, **SMALL_MRI}),
-    "ddpm_partial": ("ddpm_partial", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "restoration_steps": 2}),
-    "ddpm_kl": ("ddpm_kl", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "noise_scales": [20]}),
+    # the industrial flips run batch-wise since (other draws, same distribution): the per-image flips of then
+    "ddpm_partial": ("ddpm_partial", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "restoration_steps": 2,
+                                            "batch_augment": False}),
+    "ddpm_kl": ("ddpm_kl", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "noise_scales": [20],
+                                  "batch_augment": False}),
     # DISYRE's MRI defaults changed after the layer (official dag corruption, EMA, augmentation): the settings of then
     "disyre": ("disyre", None, {"max_steps": 2, "restoration_steps": 1, "slices_per_volume": 2, **SMALL_MRI,
                                 "bias_after_prob": 0.0, "augment": False, "ema_decay": None}),

@@ -12,7 +12,7 @@ import torch
 from monai.transforms import AdjustContrast, GaussianSmooth
 
 from medad.engine.random_state import capture_random_state, restore_random_state
-from medad.transforms.augment import AugmentingCollate, RandSliceAugmentation, _blur, _gamma
+from medad.transforms.augment import AugmentingCollate, RandFlipBatch, RandSliceAugmentation, _blur, _gamma
 
 OFF = {"flip_prob": 0.0, "elastic_prob": 0.0, "rotate_prob": 0.0, "zoom_prob": 0.0, "intensity_prob": 0.0}
 
@@ -143,3 +143,35 @@ def test_a_batch_costs_milliseconds(side):
     for _ in range(10):
         aug(batch)
     assert (time.perf_counter() - start) / 10 < 16 * 3e-3 / 2
+
+
+def test_batch_flips_move_image_and_mask_alike_at_their_rate():
+    batch = {"image": torch.rand(400, 3, 6, 7), "mask": (torch.rand(400, 1, 6, 7) > 0.5).float(), "label": [0] * 400}
+    assert torch.equal(RandFlipBatch(prob=0.0)(batch)["image"], batch["image"])
+    both = RandFlipBatch(prob=1.0)(batch)
+    assert torch.equal(both["image"], batch["image"].flip(-1).flip(-2))
+    assert torch.equal(both["mask"], batch["mask"].flip(-1).flip(-2)) and both["label"] == batch["label"]
+    flip = RandFlipBatch(prob=0.5)
+    flip.set_random_state(seed=0)
+    out = flip(batch)
+    variants = {(r, c): batch["image"].flip([d for d, on in ((-2, r), (-1, c)) if on]) if (r or c) else batch["image"]
+                for r in (False, True) for c in (False, True)}
+    found = [next(rc for rc, v in variants.items() if torch.equal(out["image"][i], v[i])) for i in range(400)]
+    rows, cols = torch.tensor([r for r, _ in found]), torch.tensor([c for _, c in found])
+    assert 0.4 < rows.float().mean() < 0.6 and 0.4 < cols.float().mean() < 0.6
+    # the mask went wherever its image went
+    for i in range(50):
+        dims = [d for d, moved in ((-2, bool(rows[i])), (-1, bool(cols[i]))) if moved]
+        assert torch.equal(out["mask"][i], batch["mask"][i].flip(dims) if dims else batch["mask"][i])
+
+
+def test_industrial_training_batches_are_flipped_in_the_collate(tmp_path):
+    from medad.engine.builders import image_loaders
+
+    loaders = image_loaders(None, image_size=16, channels=1, batch_size=4, augment=True, demo_dir=tmp_path / "demo",
+                            demo_kwargs={"num_train": 8, "num_test_good": 1, "num_test_defect": 1, "image_size": 16})
+    assert isinstance(loaders["train"].collate_fn, AugmentingCollate)
+    assert isinstance(loaders["train"].collate_fn.augmentation, RandFlipBatch)
+    assert not isinstance(loaders["test"].collate_fn, AugmentingCollate)
+    batch = next(iter(loaders["train"]))
+    assert batch["image"].shape == (4, 1, 16, 16) and batch["mask"].shape == (4, 1, 16, 16)
