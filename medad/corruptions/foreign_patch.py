@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medad.corruptions._common import bernoulli, gaussian_blur, randint, uniform
+from medad.corruptions._common import bernoulli, gaussian_blur, gaussian_blur_each, randint, uniform
 from medad.corruptions.perlin import perlin_noise
 
 __all__ = [
@@ -84,6 +84,17 @@ def random_shape_mask(
     Returns:
         float32 tensor of shape ``shape`` with values in ``[0, 1]`` and maximum exactly 1.
     """
+    hard, sigma = _random_hard_shape(shape, generator, smooth_sigma, kinds)
+    return _soften(hard[None], [sigma])[0]
+
+
+def _random_hard_shape(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    smooth_sigma: float | tuple[float, float],
+    kinds: Sequence[str],
+) -> tuple[torch.Tensor, float]:
+    """The draws of :func:`random_shape_mask`: the hard shape (float 0/1) and the blur sigma."""
     unknown = set(kinds) - set(SHAPE_KINDS)
     if unknown or not kinds:
         raise ValueError(f"foreign_patch.py: shape kinds must be a non-empty subset of {SHAPE_KINDS}, got {tuple(kinds)}.")
@@ -102,8 +113,13 @@ def random_shape_mask(
     if not hard.any():  # a tiny or thin draw on a small patch: fall back to the centre pixel's neighbourhood
         hard = (coords**2).sum(-1) <= (coords**2).sum(-1).min()
     sigma = float(uniform(*smooth_sigma, generator)) if isinstance(smooth_sigma, (tuple, list)) else float(smooth_sigma)
-    soft = gaussian_blur(hard.float()[None, None], sigma)[0, 0].clamp_min(0)
-    return soft / soft.max()
+    return hard.float(), sigma
+
+
+def _soften(hard: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Blur hard shapes ``(B, *spatial)``, each with its own sigma, and scale each to a maximum of exactly 1."""
+    soft = gaussian_blur_each(hard[:, None], sigmas)[:, 0].clamp_min(0)
+    return soft / soft.flatten(1).amax(1).view(-1, *[1] * (soft.ndim - 1))
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -174,15 +190,32 @@ def quantized_range_mask(
     Returns:
         ``(*spatial)`` mask in ``[0, 1]``.
     """
-    centroids = torch.as_tensor(codebook, dtype=image.dtype, device=image.device)
-    classes = (image[0].unsqueeze(-1) - centroids).abs().argmin(dim=-1)
-    inside = shape > 0
-    counts = torch.bincount(classes[inside].flatten(), minlength=len(centroids)).to(torch.float64)
-    keep = torch.rand(len(centroids), generator=generator, dtype=torch.float64) < counts / (counts.sum() + 1e3)
-    if not keep.any():
-        keep[:] = True
-    ranges = keep.to(image.device)[classes].to(image.dtype)
-    return gaussian_blur(ranges[None, None], 1.0)[0, 0].clamp(0.0, 1.0)
+    draws = torch.rand(len(codebook), generator=generator, dtype=torch.float64)
+    return _quantized_ranges(image[None], shape[None], codebook, draws[None])[0]
+
+
+def _quantized_ranges(
+    images: torch.Tensor, shapes: torch.Tensor, codebook: Sequence[float], draws: torch.Tensor
+) -> torch.Tensor:
+    """:func:`quantized_range_mask` of a batch, given each sample's uniform draws ``(B, K)`` for keeping a class.
+
+    Args:
+        images: ``(B, C, *spatial)``; shapes: ``(B, *spatial)``.
+
+    Returns:
+        ``(B, *spatial)`` masks in ``[0, 1]``.
+    """
+    centroids = torch.as_tensor(codebook, dtype=images.dtype, device=images.device)
+    classes = (images[:, 0].unsqueeze(-1) - centroids).abs().argmin(dim=-1)  # (B, *spatial)
+    k = len(centroids)
+    inside = (shapes > 0).flatten(1)
+    offsets = torch.arange(images.shape[0], device=images.device)[:, None] * k
+    counts = torch.bincount((classes.flatten(1) + offsets)[inside], minlength=images.shape[0] * k)
+    counts = counts.view(-1, k).to(torch.float64)
+    keep = draws.to(counts.device) < counts / (counts.sum(1, keepdim=True) + 1e3)
+    keep[~keep.any(1)] = True
+    ranges = torch.gather(keep.to(images.dtype), 1, classes.flatten(1)).view(classes.shape)
+    return gaussian_blur(ranges[:, None], 1.0)[:, 0].clamp(0.0, 1.0)
 
 
 def _foreground_corner(
@@ -283,14 +316,15 @@ class ForeignPatchCorruption:
         foreign_full = x.clone()
         use_bias = torch.zeros(batch, dtype=torch.bool)
         bias_sign = torch.ones(batch, dtype=x.dtype, device=x.device)
+        hard_shapes, sigmas, placements = [], [], []
         for b in range(batch):
             fg = self._foreground(x[b], None if foreground is None else foreground[b])
             corner = _foreground_corner(fg, patch, generator)
             region = tuple(slice(c, c + p) for c, p in zip(corner, patch))
-            shape = random_shape_mask(patch, generator, self.smooth_sigma).to(x.device, x.dtype)
-            mask[(b, 0, *region)] = shape
-            if self.foreground_only:
-                mask[b, 0] = mask[b, 0] * fg.to(x.device, x.dtype)
+            hard, sigma = _random_hard_shape(patch, generator, self.smooth_sigma, SHAPE_KINDS)
+            hard_shapes.append(hard)
+            sigmas.append(sigma)
+            placements.append((region, fg))
             if self.intensity_bias_prob > 0 and bernoulli(self.intensity_bias_prob, generator):
                 use_bias[b] = True
                 bias_sign[b] = 1.0 if bernoulli(0.5, generator) else -1.0
@@ -302,6 +336,12 @@ class ForeignPatchCorruption:
                 src_corner = _foreground_corner(source_fg, patch, generator)
                 source = tuple(slice(c, c + p) for c, p in zip(src_corner, patch))
             foreign_full[(b, slice(None), *region)] = x_foreign[(b, slice(None), *source)]
+        # the shapes are blurred together (no draw in between): one grouped convolution instead of one per sample
+        shapes = _soften(torch.stack(hard_shapes), sigmas).to(x.device, x.dtype)
+        for b, (region, fg) in enumerate(placements):
+            mask[(b, 0, *region)] = shapes[b]
+            if self.foreground_only:
+                mask[b, 0] = mask[b, 0] * fg.to(x.device, x.dtype)
         x_tilde = foreign_patch_blend(x, foreign_full, mask, alphas)
         if use_bias.any():
             biased = intensity_bias(x, mask, alphas, bias_sign, self.clip_range)
@@ -319,20 +359,31 @@ class ForeignPatchCorruption:
         effective: torch.Tensor,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The official ``dag`` second stage: an intensity bias with its own strength in each sample's shape."""
-        x_tilde = x_tilde.clone()
+        """The official ``dag`` second stage: an intensity bias with its own strength in each sample's shape.
+
+        The draws are made sample by sample (as one loop would), the biases are then applied to all at once."""
+        rows, strengths, signs, class_draws = [], [], [], []
         for b in range(x_tilde.shape[0]):
             if bool(skip[b]) or not bernoulli(self.bias_after_prob, generator) or not bool((mask[b] > 0).any()):
                 continue
-            alpha_b = float(uniform(0.0, 1.0, generator))
-            sign = 1.0 if bernoulli(0.5, generator) else -1.0
-            shape = mask[b, 0]
+            rows.append(b)
+            strengths.append(float(uniform(0.0, 1.0, generator)))
+            signs.append(1.0 if bernoulli(0.5, generator) else -1.0)
             if self.bias_codebook is not None:
-                shape = shape * quantized_range_mask(x_tilde[b], shape, self.bias_codebook, generator)
-            biased = intensity_bias(x_tilde[b : b + 1], shape[None, None], alpha_b, sign, self.clip_range)[0]
-            change = float((biased - x_tilde[b]).abs().max())
-            x_tilde[b] = biased
-            effective[b] = torch.maximum(effective[b], torch.as_tensor(change, dtype=effective.dtype))
+                class_draws.append(torch.rand(len(self.bias_codebook), generator=generator, dtype=torch.float64))
+        if not rows:
+            return x_tilde, effective
+        index = torch.tensor(rows, device=x_tilde.device)
+        before = x_tilde[index]
+        shapes = mask[index, 0]
+        if self.bias_codebook is not None:
+            shapes = shapes * _quantized_ranges(before, shapes, self.bias_codebook, torch.stack(class_draws))
+        biased = intensity_bias(before, shapes[:, None], torch.tensor(strengths), torch.tensor(signs), self.clip_range)
+        change = (biased - before).abs().flatten(1).amax(1).to(effective.dtype)
+        x_tilde = x_tilde.clone()
+        x_tilde[index] = biased
+        effective = effective.clone()
+        effective[index] = torch.maximum(effective[index], change)
         return x_tilde, effective
 
     def _patch_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
