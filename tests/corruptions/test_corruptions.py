@@ -253,3 +253,15 @@ def test_raw_simplex_2d_and_3d_are_bounded_and_continuous():
         fine, _, _ = max_jump(fn, 20001, ndim)
         assert peak <= 1.01 and std > 0.1
         assert fine < 0.2 * coarse  # jumps shrink with the step: no discontinuities
+
+
+def test_gaussian_blur_each_equals_one_blur_per_sample():
+    from medad.corruptions._common import gaussian_blur, gaussian_blur_each
+
+    x = torch.rand(4, 2, 20, 23, generator=gen(11))
+    sigmas = [1.0, 2.5, 0.0, 1.7]  # 0: left as it is
+    expected = torch.stack([gaussian_blur(x[i:i + 1], s)[0] if s > 0 else x[i] for i, s in enumerate(sigmas)])
+    torch.testing.assert_close(gaussian_blur_each(x, sigmas), expected, atol=1e-6, rtol=0)
+    volume = torch.rand(2, 1, 9, 10, 11, generator=gen(12))
+    expected = torch.stack([gaussian_blur(volume[i:i + 1], s)[0] for i, s in enumerate([1.2, 0.6])])
+    torch.testing.assert_close(gaussian_blur_each(volume, [1.2, 0.6]), expected, atol=1e-6, rtol=0)
