@@ -95,7 +95,10 @@ class RandSliceAugmentation(Randomizable):
     per axis (p = 0.15 each), and clipping to ``clip``. The parameters and probabilities are those of
     :func:`medad.engine.builders.slice_augmentation` (the same chain as MONAI transforms): the mirroring is applied
     first instead of last, which leaves the distribution unchanged because the rotation angles and the elastic
-    field are drawn symmetrically; the elastic field is evaluated on the output grid.
+    field are drawn symmetrically; the elastic field is evaluated on the output grid. Deviations from the official
+    batchgenerators chain (as in that MONAI chain): MONAI's elastic field for batchgenerators' (whose σ and
+    magnitude are drawn per case), bilinear instead of cubic image interpolation, and the noise's standard
+    deviation drawn uniformly in [0, √0.05] rather than its variance.
 
     Args:
         image_key / brain_mask_key: batch entries ``(N, C, H, W)``; the brain mask is optional.
