@@ -12,7 +12,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from medad.transforms.augment import AugmentingCollate, RandFlipBatch, RandSliceAugmentation
 
-from .distributed import is_distributed, main_process_first
+from .distributed import is_distributed, main_process_first, rank
 
 __all__ = [
     "image_loaders", "image_folder_loader", "volume_loaders", "volume_input_transforms", "slice_training_transforms",
@@ -104,7 +104,7 @@ def image_loaders(
     batch_flips = augment and batch_augment and not rotate90
     train_tf = data.image_transforms(image_size, channels, augment=augment and not batch_flips, rotate90=rotate90)
     eval_tf = data.image_transforms(image_size, channels, augment=False)
-    collate = AugmentingCollate(RandFlipBatch(("image", "mask"), prob=0.5)) if batch_flips else None
+    collate = AugmentingCollate(_seeded(RandFlipBatch(("image", "mask"), prob=0.5), seed)) if batch_flips else None
     # Decoding and resizing are deterministic: cache them once (CacheDataset stops at the first random transform).
     def cached(items: list, transform: Any) -> Dataset:
         return CacheDataset(items, transform, progress=False) if cache else Dataset(items, transform)
@@ -141,8 +141,16 @@ def image_folder_loader(
     return _loader(Dataset(items, data.image_transforms(image_size, channels, augment=False)), batch_size, False, num_workers)
 
 
+def _seeded(augmentation: Any, seed: int) -> Any:
+    """Seed a batch augmentation (MONAI seeds a loader's dataset transforms, not its collate_fn, and
+    ``set_determinism`` leaves ``Randomizable.R`` alone); each DDP rank draws its own stream."""
+    augmentation.set_random_state(seed=(int(seed) + rank()) % (2**32))
+    return augmentation
+
+
 def slice_augmentation(
-    image_key: str = "image", brain_mask_key: str = "brain_mask", patch_size: Sequence[int] | None = None
+    image_key: str = "image", brain_mask_key: str = "brain_mask", patch_size: Sequence[int] | None = None,
+    seed: int = 0,
 ) -> AugmentingCollate:
     """DISYRE's official training augmentation (:class:`medad.transforms.augment.RandSliceAugmentation`) as the
     ``collate_fn`` of a slice loader: each collated batch is augmented at once, every slice with its own draws.
@@ -153,7 +161,7 @@ def slice_augmentation(
     side = min(patch_size) if patch_size else 128
     augmentation = RandSliceAugmentation(image_key, brain_mask_key, elastic_spacing=max(2, side // 8),
                                          elastic_magnitude=(0.0, max(1.0, side / 16)))
-    return AugmentingCollate(augmentation)
+    return AugmentingCollate(_seeded(augmentation, seed))
 
 
 def slice_training_transforms(
@@ -281,7 +289,7 @@ def volume_loaders(
     kwargs = {"progress": False} if cache else {}
     loaders = {
         "train": _loader(dataset_type(train_list, train_tf, **kwargs), batch_size, True, num_workers,
-                         collate_fn=slice_augmentation(patch_size=patch_size) if augment else None),
+                         collate_fn=slice_augmentation(patch_size=patch_size, seed=seed) if augment else None),
         "val": _loader(Dataset(val_list, load), 1, False, num_workers),
     }
     if test_list:

@@ -100,3 +100,23 @@ def test_without_a_training_set_the_test_volumes_asked_for_are_used_not_the_demo
                                demo_kwargs={"num_train": 2, "num_test": 1, "spacing_mm": 8.0}, val_fraction=0.5,
                                cache=False)
     assert [Path(b["image"].meta["filename_or_obj"][0]).parent.name for b in demo_only["test"]] == ["test"]
+
+
+def test_the_training_augmentation_repeats_with_the_seed(tmp_path):
+    # MONAI seeds a loader's dataset transforms but not its collate_fn, and set_determinism leaves Randomizable.R
+    # alone: unseeded, the batch augmentation would differ from run to run with the same --seed
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(3):
+        _save(train / f"h{i}.nii.gz", _ball(24, 9.0) * (0.5 + 0.1 * i))
+    kwargs = {"intensity": None, "slices_per_volume": 4, "batch_size": 2, "val_fraction": 0.34, "cache": False,
+              "augment": True}
+
+    def first_batches(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        loader = volume_loaders(train, seed=seed, **kwargs)["train"]
+        return [b["image"] for _, b in zip(range(3), loader)]
+
+    again = first_batches(5)
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(5), again))
+    assert not all(torch.equal(a, b) for a, b in zip(first_batches(6), again))
