@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from medad.scores.filters import gaussian_filter_map
+from medad.scores.filters import gaussian_filter_each, gaussian_filter_map
 
 __all__ = [
     "uniform", "randint", "bernoulli", "rotate_2d", "gaussian_blur", "gaussian_blur_each", "generator_from_seed",
@@ -73,34 +73,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float, mode: str = "zeros", truncated:
 
 
 def gaussian_blur_each(x: torch.Tensor, sigmas: Sequence[float], truncated: float = 4.0) -> torch.Tensor:
-    """:func:`gaussian_blur` (zero padding) of each sample with its own ``sigma``, in one grouped convolution per axis.
-
-    The same normalised sampled kernels as :func:`medad.scores.filters.gaussian_filter_map`, zero-extended to the
-    largest radius of the batch (a sample with ``sigma <= 0`` is left as it is).
-
-    Args:
-        x: ``(B, C, *spatial)``, 2D or 3D spatial.
-        sigmas: ``B`` standard deviations in pixels.
-
-    Returns:
-        ``(B, C, *spatial)``.
-    """
-    from monai.networks.layers.convutils import gaussian_1d
-
-    batch, channels, *spatial = x.shape
-    if len(sigmas) != batch:
-        raise ValueError(f"gaussian_blur_each: {len(sigmas)} sigmas for a batch of {batch}.")
-    kernels = [gaussian_1d(torch.tensor(float(s)), truncated=truncated, approx="sampled", normalize=True)
-               if s > 0 else torch.ones(1) for s in sigmas]
-    radius = max((k.numel() - 1) // 2 for k in kernels)
-    weight = torch.stack([F.pad(k, (radius - (k.numel() - 1) // 2,) * 2) for k in kernels]).to(x.device, torch.float32)
-    weight = weight.repeat_interleave(channels, dim=0)  # (B·C, 2R + 1): one kernel per sample and channel
-    conv = (F.conv2d, F.conv3d)[len(spatial) - 2]
-    out = x.float().reshape(1, batch * channels, *spatial)
-    for axis in range(len(spatial)):
-        shape = [1] * len(spatial)
-        shape[axis] = 2 * radius + 1
-        padding = [0] * len(spatial)
-        padding[axis] = radius
-        out = conv(out, weight.view(batch * channels, 1, *shape), padding=tuple(padding), groups=batch * channels)
-    return out.reshape(x.shape).to(x.dtype)
+    """:func:`gaussian_blur` (zero padding) of each sample of ``(B, C, *spatial)`` with its own sigma (``B`` values),
+    in one grouped convolution per axis (:func:`medad.scores.filters.gaussian_filter_each`)."""
+    if len(sigmas) != x.shape[0]:
+        raise ValueError(f"gaussian_blur_each: {len(sigmas)} sigmas for a batch of {x.shape[0]}.")
+    return gaussian_filter_each(x, list(sigmas), truncated=truncated)

@@ -63,6 +63,7 @@ __all__ = [
     "image_loaders",
     "slice_training_transforms",
     "volume_loaders",
+    "volume_input_transforms",
     "init_distributed",
     "is_distributed",
     "is_main_process",

@@ -195,15 +195,21 @@ def volume_input_transforms(
     """Load a test or input volume as a model expects it (:func:`medad.data.volume_transforms`) and, given the
     brain geometry of the model's training volumes (``space_reference``), warn, naming the file, when the volume's
     brain is more than ``space_tolerance`` outside it (:class:`medad.transforms.mri.CheckBrainGeometryd`)."""
+    from medad import data
+
+    return _with_space_check(data.volume_transforms(pixdim=pixdim, intensity=intensity), space_reference,
+                             space_tolerance)
+
+
+def _with_space_check(load: Callable, reference: dict[str, Any] | None, tolerance: float) -> Callable:
+    """``load`` followed by :class:`medad.transforms.mri.CheckBrainGeometryd` against ``reference`` (if any)."""
     from monai import transforms as mt
 
-    from medad import data
     from medad.transforms.mri import CheckBrainGeometryd
 
-    load = data.volume_transforms(pixdim=pixdim, intensity=intensity)
-    if not space_reference:
+    if not reference:
         return load
-    return mt.Compose([load, CheckBrainGeometryd("brain_mask", space_reference, tolerance=space_tolerance)])
+    return mt.Compose([load, CheckBrainGeometryd("brain_mask", reference, tolerance=tolerance)])
 
 
 def volume_loaders(
@@ -284,7 +290,7 @@ def volume_loaders(
         from medad.transforms.mri import brain_geometry_range
 
         reference = space_reference or brain_geometry_range(train_list + val_list)
-        test_tf = volume_input_transforms(pixdim, intensity, reference, space_tolerance)
+        test_tf = _with_space_check(load, reference, space_tolerance)
     dataset_type = CacheDataset if cache else Dataset
     kwargs = {"progress": False} if cache else {}
     loaders = {

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
-__all__ = ["mean_filter", "gaussian_filter_map"]
+__all__ = ["mean_filter", "gaussian_filter_map", "gaussian_filter_each"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -89,3 +89,42 @@ def gaussian_filter_map(
         padding_mode = "replicate"
     smoothed = separable_filtering(anomaly_map.float(), kernels, mode=padding_mode)
     return smoothed.to(anomaly_map.dtype)
+
+
+def gaussian_filter_each(
+    images: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    truncated: float = 4.0,
+    approx: str = "sampled",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Separable Gaussian filter of each sample with its own sigma, zero padding, one grouped convolution per axis.
+
+    The kernels are MONAI's ``gaussian_1d`` (``approx="sampled", normalize=True``: those of
+    :func:`gaussian_filter_map`; ``approx="erf", normalize=False``: those of MONAI's ``GaussianSmooth``), each
+    zero-extended to the batch's largest radius, so every sample gets what a filter of its own would give.
+
+    Args:
+        images: ``(B, C, *spatial)``, 2D or 3D spatial.
+        sigmas: ``(B,)`` standard deviations in pixels, or ``(B, spatial_dims)`` one per axis; an axis with
+            ``sigma <= 0`` is left unfiltered.
+
+    Returns:
+        ``(B, C, *spatial)`` with the input's dtype.
+    """
+    batch, channels, *spatial = images.shape
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"filters.py: gaussian_filter_each needs 2D or 3D images, got {len(spatial)} spatial axes.")
+    per_axis = torch.as_tensor(sigmas, dtype=torch.float64).reshape(batch, -1).expand(batch, len(spatial))
+    conv = (F.conv2d, F.conv3d)[len(spatial) - 2]
+    out = images.float().reshape(1, batch * channels, *spatial)
+    for axis in range(len(spatial)):
+        kernels = [gaussian_1d(torch.tensor(float(s)), truncated=truncated, approx=approx, normalize=normalize)
+                   if s > 0 else torch.ones(1) for s in per_axis[:, axis].tolist()]
+        radius = max((k.numel() - 1) // 2 for k in kernels)
+        weight = torch.stack([F.pad(k.float(), ((radius - (k.numel() - 1) // 2),) * 2) for k in kernels])
+        weight = weight.to(images.device).repeat_interleave(channels, dim=0)  # one kernel per sample and channel
+        shape, padding = [1] * len(spatial), [0] * len(spatial)
+        shape[axis], padding[axis] = 2 * radius + 1, radius
+        out = conv(out, weight.view(batch * channels, 1, *shape), padding=tuple(padding), groups=batch * channels)
+    return out.reshape(images.shape).to(images.dtype)

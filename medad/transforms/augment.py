@@ -23,42 +23,16 @@ import torch.nn.functional as F
 from monai.data import list_data_collate
 from monai.transforms import Randomizable
 
+from medad.scores.filters import gaussian_filter_each
+
 __all__ = ["RandSliceAugmentation", "RandFlipBatch", "AugmentingCollate"]
 
 
-def _gaussian_kernels(sigmas: torch.Tensor, truncated: float = 4.0) -> torch.Tensor:
-    """Discrete Gaussian kernels by the error function (MONAI's ``gaussian_1d(approx="erf")``, not normalised).
-
-    Args:
-        sigmas: ``(K,)`` standard deviations in pixels.
-
-    Returns:
-        ``(K, 2R + 1)`` kernels, each centred and zero beyond its own ``int(4σ + 0.5)`` tail; R is the largest tail.
-    """
-    tails = (sigmas.clamp_min(0.5 / truncated) * truncated + 0.5).floor()
-    radius = int(tails.max())
-    x = torch.arange(-radius, radius + 1, dtype=sigmas.dtype)
-    t = (1.0 / (sigmas * math.sqrt(2.0)))[:, None]
-    kernels = 0.5 * (torch.erf(t * (x + 0.5)) - torch.erf(t * (x - 0.5)))
-    return torch.where(x.abs()[None] <= tails[:, None], kernels, torch.zeros(()))
-
-
-def _blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of each image with its own σ per axis, zero padding (MONAI's ``GaussianSmooth``).
-
-    Args:
-        images: ``(K, C, H, W)``.
-        sigmas: ``(K, 2)`` σ along H and along W.
-    """
-    k, c, h, w = images.shape
-    out = images.reshape(1, k * c, h, w)
-    for axis in (0, 1):
-        kernels = _gaussian_kernels(sigmas[:, axis].to(images.dtype)).repeat_interleave(c, dim=0)
-        radius = kernels.shape[1] // 2
-        weight = kernels[:, None, :, None] if axis == 0 else kernels[:, None, None, :]
-        padding = (radius, 0) if axis == 0 else (0, radius)
-        out = F.conv2d(out, weight, padding=padding, groups=k * c)
-    return out.reshape(k, c, h, w)
+def _mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Flip each image of ``(N, C, H, W)`` along H where ``flips[:, 0]`` and along W where ``flips[:, 1]`` (exact)."""
+    for axis, dim in ((0, -2), (1, -1)):
+        images = torch.where(flips[:, axis].view(-1, *[1] * (images.ndim - 1)), images.flip(dim), images)
+    return images
 
 
 def _gamma(images: torch.Tensor, gammas: torch.Tensor, invert: bool) -> torch.Tensor:
@@ -205,11 +179,9 @@ class RandSliceAugmentation(Randomizable):
         n, size = image.shape[0], (int(image.shape[-2]), int(image.shape[-1]))
         draw = self._draw(n, size)
 
-        # mirroring: exact, by indexing
-        for axis, dim in ((0, -2), (1, -1)):
-            flip = torch.from_numpy(draw["flip"][:, axis]).view(n, 1, 1, 1)
-            image = torch.where(flip, image.flip(dim), image)
-            mask = None if mask is None else torch.where(flip, mask.flip(dim), mask)
+        flips = torch.from_numpy(draw["flip"])
+        image = _mirror(image, flips)
+        mask = None if mask is None else _mirror(mask, flips)
 
         moved = np.flatnonzero(draw["elastic"] | draw["rotate"] | draw["zoom"])
         if len(moved):
@@ -243,7 +215,8 @@ class RandSliceAugmentation(Randomizable):
             noise = torch.from_numpy(self.R.normal(size=tuple(image[i].shape))).float()
             image[i] = image[i] + std * noise
         if (i := rows("blur")).numel():
-            image[i] = _blur(image[i], torch.from_numpy(draw["blur_sigma"][i.numpy()]).float())
+            sigmas = torch.from_numpy(draw["blur_sigma"][i.numpy()])  # MONAI GaussianSmooth's kernels, per slice
+            image[i] = gaussian_filter_each(image[i], sigmas, approx="erf", normalize=False)
         if self.clip is not None:
             image = image.clamp(*self.clip)
         return image
@@ -276,10 +249,7 @@ class RandFlipBatch(Randomizable):
         n = batch[present[0]].shape[0]
         flips = torch.from_numpy(self.R.random_sample((n, 2)) < self.prob)
         for key in present:
-            value = batch[key]
-            for axis, dim in ((0, -2), (1, -1)):
-                value = torch.where(flips[:, axis].view(n, *[1] * (value.ndim - 1)), value.flip(dim), value)
-            out[key] = value
+            out[key] = _mirror(batch[key], flips)
         return out
 
 
