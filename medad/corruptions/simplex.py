@@ -55,26 +55,31 @@ def _simplex(points: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         rank = torch.zeros_like(offsets0[a], dtype=torch.long)
         for b in range(ndim):
             if a != b:
-                rank = rank + (offsets0[a] >= offsets0[b] if a < b else offsets0[a] > offsets0[b]).long()
+                rank += (offsets0[a] >= offsets0[b]) if a < b else (offsets0[a] > offsets0[b])
         ranks.append(rank)
     cell_index = [k.long() & 255 for k in cells]
     perm = perm.to(points.device)
     # 3D: the 12 cube-edge directions; 2D: the first 8 rows of _GRAD3 restricted to (x, y), as Gustavson. The
-    # gradient of hash h is looked up through one table indexed by the last hashing step's index, so the modulo
-    # and the per-axis gathers run on 512 table entries instead of on every point (the same values, 2x faster).
-    gradients = _GRAD3.to(points.device, points.dtype)[perm % (12 if ndim == 3 else 8), :ndim]  # (512, ndim)
+    # gradient of hash h is looked up through one table per axis indexed by the last hashing step's index, so the
+    # modulo runs on 512 table entries instead of on every point. This loop is most of ADDM's corruption time:
+    # 1-D ``take`` instead of advanced indexing and in-place arithmetic make it ~2x faster (same values to 4e-7).
+    table = _GRAD3.to(points.device, points.dtype)[perm % (12 if ndim == 3 else 8), :ndim]  # (512, ndim)
+    gradients = [table[:, axis].contiguous() for axis in range(ndim)]
     total = torch.zeros_like(coords[0])
     for corner in range(ndim + 1):
-        steps = [(r >= ndim - corner).long() for r in ranks]
-        offsets = [o - s + corner * unskew for o, s in zip(offsets0, steps)]
+        steps = [r >= ndim - corner for r in ranks]
+        offsets = [torch.sub(o, s.to(o.dtype)).add_(corner * unskew) for o, s in zip(offsets0, steps)]
         hashed = cell_index[ndim - 1] + steps[ndim - 1]
         for axis in reversed(range(ndim - 1)):
-            hashed = cell_index[axis] + steps[axis] + perm[hashed]
-        gradient = gradients[hashed]  # (..., ndim): the gradient of perm[hashed]
-        dot = sum(gradient[..., axis] * offsets[axis] for axis in range(ndim))
+            hashed = perm.take(hashed).add_(cell_index[axis]).add_(steps[axis])
+        dot = gradients[0].take(hashed).mul_(offsets[0])  # gradient of perm[hashed] · offset
+        radius = offsets[0] * offsets[0]
+        for gradient, offset in zip(gradients[1:], offsets[1:]):
+            dot.addcmul_(gradient.take(hashed), offset)
+            radius.addcmul_(offset, offset)
         # falloff radius^2 0.5 keeps the noise continuous (Gustavson's 0.6 leaves small seams in 3D)
-        falloff = (0.5 - sum(o * o for o in offsets)).clamp_min(0)
-        total = total + falloff**4 * dot
+        falloff = radius.neg_().add_(0.5).clamp_min_(0).square_()
+        total.addcmul_(falloff.square_(), dot)
     return total * _SCALE[ndim]
 
 

@@ -12,8 +12,9 @@ alternating round by round so that the machine's load hits both alike:
   backward, gradient clipping as the trainer does, optimiser step — the least any trainer could spend on that
   network;
 - the inference overhead of the bundle's evaluation inferer on one evaluation batch: wall time of the inferer and
-  the image score ÷ the time of the same network evaluations replayed alone (inputs recorded from a second pass),
-  i.e. wall ÷ (network evaluations × one forward pass).
+  the image score ÷ the time of the same network evaluations replayed alone (inputs recorded from a second pass;
+  encoder-only passes such as ddpm_kl's feature score included), i.e. wall ÷ (network evaluations × one forward
+  pass).
 """
 
 from __future__ import annotations
@@ -35,20 +36,43 @@ __all__ = ["profile_bundle", "profile_table", "PARTS"]
 PARTS = ("data", "corruption_and_losses", "forward", "backward", "optimizer", "other")
 
 
-class _Recorder(torch.nn.Module):
-    """Passes calls through to ``network``; records detached copies of their arguments while ``recording``."""
+def _frozen(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args)
 
-    def __init__(self, network: torch.nn.Module) -> None:
+
+class _Recorder(torch.nn.Module):
+    """Passes calls through to ``network``; records detached copies of their arguments while ``recording``.
+
+    ``methods`` names other entry points of the network to record as well (in ``method_calls``), e.g.
+    ``encoder_features``, which ddpm_kl's feature score calls on the unwrapped network: the method is replaced on
+    ``network`` itself, so pass a copy (the training network is never patched).
+    """
+
+    def __init__(self, network: torch.nn.Module, methods: Sequence[str] = ()) -> None:
         super().__init__()
         self.network = network
         self.recording = False
         self.calls: list[tuple[tuple[Any, ...], torch.Size]] = []
+        self.method_calls: list[tuple[str, tuple[Any, ...]]] = []
+        for name in methods:
+            original = getattr(network, name, None)
+            if callable(original):
+                object.__setattr__(network, name, self._recording(name, original))
+
+    def _recording(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def method(*args: Any) -> Any:
+            out = original(*args)
+            if self.recording:
+                self.method_calls.append((name, _frozen(args)))
+            return out
+
+        method.original = original  # type: ignore[attr-defined]
+        return method
 
     def forward(self, *args: Any) -> torch.Tensor:
         out = self.network(*args)
         if self.recording:
-            frozen = tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args)
-            self.calls.append((frozen, out.shape))
+            self.calls.append((_frozen(args), out.shape))
         return out
 
 
@@ -135,12 +159,13 @@ def _inference_overhead(parser: Any, network: torch.nn.Module, repeats: int) -> 
     batch, inferer, image_score, extra = _evaluation_batch(parser)
     image = batch["image"]
     images = image.as_tensor() if hasattr(image, "as_tensor") else image
-    recorder = _Recorder(copy.deepcopy(network).eval())
+    # encoder passes are network work too (ddpm_kl's feature score runs the UNet's encoder on x and each x̂_0)
+    recorder = _Recorder(copy.deepcopy(network).eval(), methods=("encoder_features",))
     walls, alone = [], []
     with torch.no_grad():
         for _ in range(repeats):
             torch.manual_seed(0)
-            recorder.recording, recorder.calls = False, []
+            recorder.recording, recorder.calls, recorder.method_calls = False, [], []
             start = time.perf_counter()
             out = inferer(images, recorder, **extra)
             image_score(out["anomaly_map"])
@@ -148,10 +173,12 @@ def _inference_overhead(parser: Any, network: torch.nn.Module, repeats: int) -> 
             torch.manual_seed(0)
             recorder.recording = True
             inferer(images, recorder, **extra)
-            calls = list(recorder.calls)
+            calls, method_calls = list(recorder.calls), list(recorder.method_calls)
             start = time.perf_counter()
             for args, _ in calls:
                 recorder.network(*args)
+            for name, args in method_calls:
+                getattr(recorder.network, name).original(*args)
             alone.append(time.perf_counter() - start)
     evaluations = sum(int(args[0].shape[0]) for args, _ in calls)
     return {
@@ -160,6 +187,7 @@ def _inference_overhead(parser: Any, network: torch.nn.Module, repeats: int) -> 
         "inference_overhead": statistics.median(walls) / statistics.median(alone),
         "network_evaluations": evaluations,
         "network_calls": len(calls),
+        "encoder_passes": sum(int(args[0].shape[0]) for _, args in method_calls),
         "inference_batch": tuple(images.shape),
     }
 

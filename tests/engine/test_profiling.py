@@ -24,3 +24,30 @@ def test_profile_of_the_disyre_demo_run(tmp_path: Path):
     assert 0.5 < row["inference_overhead"] < 2.0
     table = profile_table([row])
     assert table.count("\n") == 2 and "| disyre |" in table
+
+
+def test_inference_overhead_counts_the_encoder_passes_of_the_feature_score():
+    """ddpm_kl's feature score runs the UNet's encoder on x and on each x̂_0, outside the network's forward: those
+    passes are network work, so the replay that the overhead divides by must include them."""
+    import torch
+
+    from medad.diffusion import make_diffusion
+    from medad.engine.profiling import _Recorder
+    from medad.inferers import KLScoringInferer
+    from medad.networks import AnomalyUNet
+
+    torch.manual_seed(0)
+    unet = AnomalyUNet(2, 3, 3, channels=(8, 16), num_res_blocks=1, attention_levels=(False, False),
+                       num_head_channels=8, learned_variance=True).eval()
+    inferer = KLScoringInferer(make_diffusion("linear", 1000, var_type="learned_range", loss_type="hybrid"), (400, 20, 200))
+    recorder = _Recorder(unet, methods=("encoder_features",))
+    recorder.recording = True
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        out = inferer(images, recorder)
+    assert len(recorder.calls) == 3  # one forward per noise scale
+    assert [name for name, _ in recorder.method_calls] == ["encoder_features"] * 4  # x, then x̂_0 at each scale
+    name, args = recorder.method_calls[0]
+    replayed = getattr(unet, name).original(*args)  # the replay calls the unpatched method with the same inputs
+    assert all(torch.equal(a, b) for a, b in zip(replayed, unet.encoder_features(*args)))
+    assert torch.isfinite(out["anomaly_map"]).all()
