@@ -25,11 +25,12 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_run.log"
 
 {
-    if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    report="import torch; print('[gpu_run.sh] torch', torch.__version__, 'CUDA' if torch.cuda.is_available() else 'no CUDA')"
+    if ! "$PYTHON" -c "$report" 2>/dev/null; then
         echo "[gpu_run.sh] torch is missing: pip install torch"
         "$PYTHON" -m pip install torch
+        "$PYTHON" -c "$report"
     fi
-    "$PYTHON" -c "import torch; print('[gpu_run.sh] torch', torch.__version__, 'CUDA' if torch.cuda.is_available() else 'no CUDA')"
 
     # medad from THIS checkout, with the dependencies a run imports
     check="import medad, monai, nibabel, nilearn, jsonschema, nrrd, slicerio, einops, skimage, pandas, pyarrow, matplotlib, tqdm;
