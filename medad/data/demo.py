@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from medad.data.templates import load_mni152
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_DEFECTS",
@@ -68,7 +71,14 @@ def _generate_once(dest: Path, params: dict, write: Callable[[Path], int]) -> Pa
             raise FileExistsError(
                 f"{dest} exists and is not a medad demo folder; choose another out_dir or empty it."
             )
-        shutil.rmtree(dest)  # ours, made with other parameters (or empty)
+        if existing is not None and existing.get("params") != params:
+            # a run pointed at a demo folder made with other settings (e.g. --demo_dir without the --demo_kwargs
+            # that made it) would otherwise score other data than the folder held, without a word
+            changed = {k: (existing.get("params", {}).get(k), v) for k, v in params.items()
+                       if existing.get("params", {}).get(k) != v}
+            logger.warning("%s: replacing the demo data made with other settings (%s) by new demo data.", dest,
+                           ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+        shutil.rmtree(dest)  # ours, made with other parameters or an older format (or empty)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

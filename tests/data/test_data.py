@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -250,7 +251,7 @@ def _digest(folder: Path) -> dict[str, str]:
 MVTEC_QUICK = dict(num_train=4, num_test_good=2, num_test_defect=8, image_size=32)
 
 
-def test_demo_mvtec_layout_masks_and_determinism(tmp_path: Path):
+def test_demo_mvtec_layout_masks_and_determinism(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     first = make_demo_mvtec(tmp_path / "a", seed=0, **MVTEC_QUICK)
     assert first == tmp_path / "a" / "demo_texture"
     again = make_demo_mvtec(tmp_path / "b", seed=0, **MVTEC_QUICK)
@@ -273,8 +274,13 @@ def test_demo_mvtec_layout_masks_and_determinism(tmp_path: Path):
     stamp = (first / "train/good/000.png").stat().st_mtime_ns
     assert make_demo_mvtec(tmp_path / "a", seed=0, **MVTEC_QUICK) == first
     assert (first / "train/good/000.png").stat().st_mtime_ns == stamp
-    make_demo_mvtec(tmp_path / "a", seed=0, **{**MVTEC_QUICK, "num_train": 3})
+    with caplog.at_level(logging.WARNING, logger="medad.data.demo"):
+        make_demo_mvtec(tmp_path / "a", seed=0, **{**MVTEC_QUICK, "num_train": 3})
     assert len(mvtec_datalist(first)) == 3
+    # never silently: the folder held other data than the run will now use
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'a' / 'demo_texture'}: replacing the demo data made with other settings (num_train: 4 -> 3) "
+        "by new demo data."]
 
 
 def test_demo_mvtec_object_and_refuses_foreign_folder(tmp_path: Path):
