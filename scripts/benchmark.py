@@ -247,6 +247,8 @@ def profile(args: argparse.Namespace, explicit_methods: bool) -> list[dict]:
 
     methods = args.methods if explicit_methods else list(PROFILE_METHODS)
     overrides = {"dataset_dir": args.dataset_dir} if args.dataset_dir else {}
+    if args.inference_only:
+        return profile_inference(args, methods, overrides)
     rows = []
     for method in methods:
         with tempfile.TemporaryDirectory(prefix=f"profile_{method}_") as run_dir:
@@ -260,6 +262,32 @@ def profile(args: argparse.Namespace, explicit_methods: bool) -> list[dict]:
     Path(args.run_root).mkdir(parents=True, exist_ok=True)
     (Path(args.run_root) / "profile.json").write_text(json.dumps(rows, indent=2, default=str))
     print(profile_table(rows))
+    return rows
+
+
+def profile_inference(args: argparse.Namespace, methods: list[str], overrides: dict) -> list[dict]:
+    """``--profile --inference_only``: the inference overhead alone, with ``--extra`` overrides (e.g. ``--quick false``
+    for the paper's network sizes, too large to train here), printed as a Markdown table."""
+    import tempfile
+
+    from medad.bundle import config_files
+    from medad.engine.profiling import inference_overhead
+    from medad.overrides import check_overrides, split_args
+
+    rows = []
+    for method in methods:
+        bundle = REPO / "bundles" / method
+        settings = {**overrides, **check_overrides(config_files(bundle), split_args(shlex.split(args.extra))[1])}
+        with tempfile.TemporaryDirectory(prefix=f"overhead_{method}_") as run_dir:
+            row = inference_overhead(bundle, run_dir, repeats=args.profile_rounds, overrides=settings)
+        row["overrides"] = args.extra
+        rows.append(row)
+        print(f"[profile] {method} {args.extra}: {row['parameters'] / 1e6:.2f} M parameters, batch "
+              f"{'x'.join(map(str, row['inference_batch']))}, inference {row['inference_seconds']:.3f} s, network alone "
+              f"{row['network_seconds']:.3f} s, overhead {row['inference_overhead']:.2f} (load {row['load']:.1f})",
+              flush=True)
+    Path(args.run_root).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_root) / "inference_overhead.json").write_text(json.dumps(rows, indent=2, default=str))
     return rows
 
 
@@ -285,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
                              "of a training step, and the inference overhead (medad.engine.profiling)")
     parser.add_argument("--profile_steps", type=int, default=10, help="timed steps per round for --profile")
     parser.add_argument("--profile_rounds", type=int, default=3, help="rounds (trainer, then bare loop) for --profile")
+    parser.add_argument("--inference_only", action="store_true",
+                        help="with --profile: only the inference overhead, of an untrained network configured by --extra "
+                             "(e.g. --extra '--quick false' for the paper's sizes); --profile_rounds repeats (median)")
     args = parser.parse_args(argv)
     if args.profile:
         profile(args, explicit_methods="--methods" in (sys.argv[1:] if argv is None else argv))

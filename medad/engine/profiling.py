@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["profile_bundle", "profile_table", "PARTS"]
+__all__ = ["profile_bundle", "profile_table", "inference_overhead", "PARTS"]
 
 #: the parts of a training step, in the order they are reported
 PARTS = ("data", "corruption_and_losses", "forward", "backward", "optimizer", "other")
@@ -253,6 +253,31 @@ def profile_bundle(
         "load": os.getloadavg()[0],
     }
     result.update(_inference_overhead(parser, trainer.deployed_network(), inference_repeats))
+    return result
+
+
+def inference_overhead(
+    bundle: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    repeats: int = 3,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The inference overhead alone (no training), e.g. at network sizes too large to train here.
+
+    The network is the bundle's ``network_def`` as configured (random weights: the overhead is a matter of shapes,
+    not of values); everything else as in :func:`profile_bundle`.
+
+    Returns:
+        ``bundle``, ``threads``, ``load`` and the :func:`_inference_overhead` entries.
+    """
+    bundle_dir = Path(bundle).resolve()
+    parser = _train_parser(bundle_dir, Path(run_dir), overrides or {})
+    parser.get_parsed_content("initialize")
+    network = parser.get_parsed_content("network_def")
+    result: dict[str, Any] = {"bundle": bundle_dir.name, "threads": torch.get_num_threads(),
+                              "parameters": sum(p.numel() for p in network.parameters())}
+    result.update(_inference_overhead(parser, network, repeats))
+    result["load"] = os.getloadavg()[0]
     return result
 
 

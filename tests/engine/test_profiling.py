@@ -51,3 +51,13 @@ def test_inference_overhead_counts_the_encoder_passes_of_the_feature_score():
     replayed = getattr(unet, name).original(*args)  # the replay calls the unpatched method with the same inputs
     assert all(torch.equal(a, b) for a, b in zip(replayed, unet.encoder_features(*args)))
     assert torch.isfinite(out["anomaly_map"]).all()
+
+
+def test_inference_overhead_alone_of_an_untrained_network(tmp_path: Path):
+    from medad.engine.profiling import inference_overhead
+
+    row = inference_overhead(REPO / "bundles" / "fair", tmp_path, repeats=1,
+                             overrides={"image_size": 32, "widths": (8, 16)})
+    assert row["bundle"] == "fair" and row["parameters"] > 0
+    assert row["network_evaluations"] == row["inference_batch"][0] > 0  # FAIR: one restoration per image
+    assert 0.5 < row["inference_overhead"] < 20.0 and row["network_seconds"] > 0
