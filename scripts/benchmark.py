@@ -267,7 +267,8 @@ def profile(args: argparse.Namespace, explicit_methods: bool) -> list[dict]:
 
 def profile_inference(args: argparse.Namespace, methods: list[str], overrides: dict) -> list[dict]:
     """``--profile --inference_only``: the inference overhead alone, with ``--extra`` overrides (e.g. ``--quick false``
-    for the paper's network sizes, too large to train here), printed as a Markdown table."""
+    for the paper's network sizes, too large to train here); one line per bundle, all rows in
+    ``<run_root>/inference_overhead.json``."""
     import tempfile
 
     from medad.bundle import config_files

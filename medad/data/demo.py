@@ -71,13 +71,12 @@ def _generate_once(dest: Path, params: dict, write: Callable[[Path], int]) -> Pa
             raise FileExistsError(
                 f"{dest} exists and is not a medad demo folder; choose another out_dir or empty it."
             )
-        if existing is not None and existing.get("params") != params:
+        made_with = (existing or {}).get("params") or {}
+        if existing is not None and made_with != params:
             # a run pointed at a demo folder made with other settings (e.g. --demo_dir without the --demo_kwargs
             # that made it) would otherwise score other data than the folder held, without a word
-            changed = {k: (existing.get("params", {}).get(k), v) for k, v in params.items()
-                       if existing.get("params", {}).get(k) != v}
-            logger.warning("%s: replacing the demo data made with other settings (%s) by new demo data.", dest,
-                           ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+            changed = ", ".join(f"{k}: {made_with.get(k)} -> {v}" for k, v in params.items() if made_with.get(k) != v)
+            logger.warning("%s: replacing the demo data made with other settings (%s) by new demo data.", dest, changed)
         shutil.rmtree(dest)  # ours, made with other parameters or an older format (or empty)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
