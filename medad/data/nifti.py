@@ -19,7 +19,7 @@ evaluation write DICOM Segmentation / Parametric Map files for it besides the NI
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -233,6 +233,7 @@ def volume_transforms(
     brain_mask_key: str = "brain_mask",
     anti_aliasing: bool = True,
     reader: str = "auto",
+    checks: Sequence[Callable] = (),
 ) -> Compose:
     """Load NIfTI volumes (and masks) from a ``nifti_datalist`` item, keeping the affine in the meta.
 
@@ -252,6 +253,9 @@ def volume_transforms(
             (:class:`medad.data.transforms.GaussianAntiAliasd`, scikit-image's ``anti_aliasing`` rule).
         reader: ``"auto"`` (ITK when installed), ``"itk"`` (MONAI's ITKReader) or ``"sitk"`` (nibabel for NIfTI,
             SimpleITK for DICOM series and NRRD); both give the same arrays and affines (:mod:`medad.data.readers`).
+        checks: transforms run on each volume as read (its own grid, before any resampling), e.g.
+            :class:`medad.transforms.mri.CheckBrainGeometryd`: a brain measured after resampling to another grid
+            is not what the file holds (a linearly upsampled ``image > 0`` grows by a rim).
     """
     from medad.data.readers import volume_reader
 
@@ -265,6 +269,7 @@ def volume_transforms(
         CheckInputd(image_key, spatial_dims=3, mask_keys=[mask_key, brain_mask_key], anomaly_mask_key=mask_key),
         # Labels given explicitly: MONAI 1.6 warns that their default will change.
         Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+        *checks,
     ]
     if pixdim is not None:
         if anti_aliasing:  # Gaussian pre-filter where the new grid is coarser

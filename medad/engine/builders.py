@@ -197,19 +197,25 @@ def volume_input_transforms(
     brain is more than ``space_tolerance`` outside it (:class:`medad.transforms.mri.CheckBrainGeometryd`)."""
     from medad import data
 
-    return _with_space_check(data.volume_transforms(pixdim=pixdim, intensity=intensity), space_reference,
-                             space_tolerance)
+    return data.volume_transforms(pixdim=pixdim, intensity=intensity,
+                                  checks=_space_checks(space_reference, space_tolerance))
 
 
-def _with_space_check(load: Callable, reference: dict[str, Any] | None, tolerance: float) -> Callable:
-    """``load`` followed by :class:`medad.transforms.mri.CheckBrainGeometryd` against ``reference`` (if any)."""
-    from monai import transforms as mt
-
+def _space_checks(reference: dict[str, Any] | None, tolerance: float) -> list[Callable]:
+    """:class:`medad.transforms.mri.CheckBrainGeometryd` against ``reference`` (none without one), to run on each
+    volume's own grid, as the training volumes' geometry was measured
+    (:func:`~medad.transforms.mri.brain_geometry_range`)."""
     from medad.transforms.mri import CheckBrainGeometryd
 
-    if not reference:
-        return load
-    return mt.Compose([load, CheckBrainGeometryd("brain_mask", reference, tolerance=tolerance)])
+    return [CheckBrainGeometryd("brain_mask", reference, tolerance=tolerance)] if reference else []
+
+
+def _demo_on_grid(demo_kwargs: dict[str, Any] | None, pixdim: float | Sequence[float] | None) -> dict[str, Any]:
+    """``demo_kwargs`` with ``spacing_mm`` set to the finest spacing of ``pixdim`` unless given (or no ``pixdim``)."""
+    kwargs = dict(demo_kwargs or {})
+    if pixdim is not None and "spacing_mm" not in kwargs:
+        kwargs["spacing_mm"] = float(min(pixdim if isinstance(pixdim, Sequence) else [pixdim]))
+    return kwargs
 
 
 def volume_loaders(
@@ -248,7 +254,9 @@ def volume_loaders(
         patch_size: random 2D patch of each slice (DISYRE: 128 x 128); None keeps whole slices.
         size_divisor: slices are padded to a multiple of this (the UNet's ``2 ** (levels - 1)``).
         val_fraction: healthy volumes held out for threshold calibration.
-        demo_dir / demo_kwargs: the embedded demo (:func:`medad.data.make_demo_mri`) when ``dataset_dir`` is None.
+        demo_dir / demo_kwargs: the embedded demo (:func:`medad.data.make_demo_mri`) when ``dataset_dir`` is None;
+            with ``pixdim`` and no ``spacing_mm`` in ``demo_kwargs`` it is drawn on that grid (a shipped 2 mm model
+            sees 2 mm subjects from the 1 mm template, not 4 mm ones interpolated back up).
         augment: DISYRE's official spatial + intensity training augmentation (:func:`slice_augmentation`).
         check_space: warn, naming the file, when a test volume's brain volume or extent is more than
             ``space_tolerance`` outside the training volumes' range (not preprocessed into the same space:
@@ -267,7 +275,7 @@ def volume_loaders(
         if demo_dir is None:
             raise ValueError("either dataset_dir or demo_dir must be given.")
         with main_process_first():  # under DDP rank 0 writes the demo data once, the others read it
-            root = data.make_demo_mri(Path(demo_dir), **(demo_kwargs or {}))
+            root = data.make_demo_mri(Path(demo_dir), **_demo_on_grid(demo_kwargs, pixdim))
         dataset_dir, train_brain_mask_dir = root / "train", root / "brain_masks"
         if test_dir is None:
             test_dir, test_mask_dir, brain_mask_dir = root / "test", root / "test_masks", root / "brain_masks"
@@ -290,7 +298,8 @@ def volume_loaders(
         from medad.transforms.mri import brain_geometry_range
 
         reference = space_reference or brain_geometry_range(train_list + val_list)
-        test_tf = _with_space_check(load, reference, space_tolerance)
+        test_tf = data.volume_transforms(pixdim=pixdim, intensity=intensity,
+                                         checks=_space_checks(reference, space_tolerance))
     dataset_type = CacheDataset if cache else Dataset
     kwargs = {"progress": False} if cache else {}
     loaders = {

@@ -959,9 +959,10 @@ class CheckBrainGeometryd(MapTransform):
 
     Test volumes put into "MNI space" by another pipeline can differ in scale by ~15 % from the training
     volumes: the model then sees every brain structure at the wrong place and size. This compares the brain
-    volume (ml) and bounding-box extent (mm) of each case (its ``brain_mask``, after loading and resampling)
-    with the training set's range from :func:`brain_geometry_range`; more than ``tolerance`` outside it gives a
-    warning that names the file. The data pass through unchanged.
+    volume (ml) and bounding-box extent (mm) of each case (its ``brain_mask``, or without one the image's non-zero
+    voxels, as :func:`brain_geometry_range` measured the training set) with the training set's range; more than
+    ``tolerance`` outside it gives a warning that names the file. The data pass through unchanged. Run it on the
+    volume as read (``medad.data.volume_transforms(checks=...)``), before any resampling, as the range was measured.
 
     Args:
         keys: the brain-mask key (``(1, X, Y, Z)`` MetaTensor with its affine).
@@ -992,10 +993,13 @@ class CheckBrainGeometryd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for key in self.key_iterator(d):
-            mask = d[key]
+        for key in self.keys:
+            # no brain mask file: a skull-stripped image's non-zero voxels
+            mask = d[key] if d.get(key) is not None else d.get(self.image_key)
+            if mask is None:
+                continue
             affine = mask.affine if isinstance(mask, MetaTensor) else np.eye(4)
-            found = self.problems(brain_geometry(mask, affine))
+            found = self.problems(brain_geometry(mask != 0, affine))
             if found:
                 image = d.get(self.image_key)
                 name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
