@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ __all__ = [
     "image_loaders", "image_folder_loader", "volume_loaders", "volume_input_transforms", "slice_training_transforms",
     "slice_augmentation",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _loader(
@@ -90,6 +93,8 @@ def image_loaders(
             raise ValueError("either dataset_dir or demo_dir must be given.")
         with main_process_first():  # under DDP rank 0 writes the demo data once, the others read it
             root = data.make_demo_mvtec(Path(demo_dir), **(demo_kwargs or {}))
+        # said, not silent: a shipped model evaluated without --dataset_dir scores these synthetic images
+        logger.info("no --dataset_dir: training and test images are the embedded demo data in %s", root)
         category = None
     else:
         root = Path(dataset_dir)
@@ -279,6 +284,8 @@ def volume_loaders(
         dataset_dir, train_brain_mask_dir = root / "train", root / "brain_masks"
         if test_dir is None:
             test_dir, test_mask_dir, brain_mask_dir = root / "test", root / "test_masks", root / "brain_masks"
+        logger.info("no --dataset_dir: the healthy volumes%s are the embedded demo data in %s",
+                    " and the test volumes" if test_dir == root / "test" else "", root)
         # else: a model trained elsewhere (e.g. shipped weights, whose run has no dataset_dir) evaluated on the
         # user's test volumes; the demo only stands in for the training set, never for the test set asked for
     else:

@@ -144,3 +144,19 @@ def test_the_training_augmentation_repeats_with_the_seed(tmp_path):
     again = first_batches(5)
     assert all(torch.equal(a, b) for a, b in zip(first_batches(5), again))
     assert not all(torch.equal(a, b) for a, b in zip(first_batches(6), again))
+
+
+def test_scoring_the_embedded_demo_is_said_in_the_log(tmp_path, caplog):
+    # `--workflow evaluate --run_dir bundles/fair` without --dataset_dir scores the demo images, not the user's
+    # category: the log says so (before, nothing in the log mentioned the demo)
+    import logging
+
+    from medad.engine.builders import image_loaders
+
+    with caplog.at_level(logging.INFO, logger="medad.engine.builders"):
+        image_loaders(None, image_size=16, demo_dir=tmp_path / "mvtec", cache=False,
+                      demo_kwargs={"num_train": 2, "num_test_good": 1, "num_test_defect": 1, "image_size": 16})
+        volume_loaders(None, demo_dir=tmp_path / "mri", intensity=None, slices_per_volume=2, batch_size=2,
+                       demo_kwargs={"num_train": 2, "num_test": 1, "spacing_mm": 8.0}, val_fraction=0.5, cache=False)
+    said = [r.getMessage() for r in caplog.records if "embedded demo" in r.getMessage()]
+    assert len(said) == 2 and str(tmp_path / "mvtec") in said[0] and "test volumes" in said[1]
