@@ -199,20 +199,14 @@ def volume_input_transforms(
 ) -> Callable:
     """Load a test or input volume as a model expects it (:func:`medad.data.volume_transforms`) and, given the
     brain geometry of the model's training volumes (``space_reference``), warn, naming the file, when the volume's
-    brain is more than ``space_tolerance`` outside it (:class:`medad.transforms.mri.CheckBrainGeometryd`)."""
-    from medad import data
-
-    return data.volume_transforms(pixdim=pixdim, intensity=intensity,
-                                  checks=_space_checks(space_reference, space_tolerance))
-
-
-def _space_checks(reference: dict[str, Any] | None, tolerance: float) -> list[Callable]:
-    """:class:`medad.transforms.mri.CheckBrainGeometryd` against ``reference`` (none without one), to run on each
-    volume's own grid, as the training volumes' geometry was measured
+    brain is more than ``space_tolerance`` outside it (:class:`medad.transforms.mri.CheckBrainGeometryd`), measured
+    on the volume as read, as the training volumes' geometry was
     (:func:`~medad.transforms.mri.brain_geometry_range`)."""
+    from medad import data
     from medad.transforms.mri import CheckBrainGeometryd
 
-    return [CheckBrainGeometryd("brain_mask", reference, tolerance=tolerance)] if reference else []
+    checks = [CheckBrainGeometryd("brain_mask", space_reference, tolerance=space_tolerance)] if space_reference else []
+    return data.volume_transforms(pixdim=pixdim, intensity=intensity, checks=checks)
 
 
 def _demo_on_grid(demo_kwargs: dict[str, Any] | None, pixdim: float | Sequence[float] | None) -> dict[str, Any]:
@@ -284,10 +278,10 @@ def volume_loaders(
         dataset_dir, train_brain_mask_dir = root / "train", root / "brain_masks"
         if test_dir is None:
             test_dir, test_mask_dir, brain_mask_dir = root / "test", root / "test_masks", root / "brain_masks"
-        logger.info("no --dataset_dir: the healthy volumes%s are the embedded demo data in %s",
-                    " and the test volumes" if test_dir == root / "test" else "", root)
         # else: a model trained elsewhere (e.g. shipped weights, whose run has no dataset_dir) evaluated on the
         # user's test volumes; the demo only stands in for the training set, never for the test set asked for
+        logger.info("no --dataset_dir: the healthy volumes%s are the embedded demo data in %s",
+                    " and the test volumes" if test_dir == root / "test" else "", root)
     else:
         train_brain_mask_dir = brain_mask_dir
     train_list = data.nifti_datalist(dataset_dir, brain_mask_dir=train_brain_mask_dir)
@@ -305,8 +299,7 @@ def volume_loaders(
         from medad.transforms.mri import brain_geometry_range
 
         reference = space_reference or brain_geometry_range(train_list + val_list)
-        test_tf = data.volume_transforms(pixdim=pixdim, intensity=intensity,
-                                         checks=_space_checks(reference, space_tolerance))
+        test_tf = volume_input_transforms(pixdim, intensity, reference, space_tolerance)
     dataset_type = CacheDataset if cache else Dataset
     kwargs = {"progress": False} if cache else {}
     loaders = {
