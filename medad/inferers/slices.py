@@ -7,6 +7,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from medad.transforms.slices import symmetric_pad
+
 from .base import AnomalyInferer
 
 __all__ = ["SliceAggregationInferer"]
@@ -15,9 +17,9 @@ __all__ = ["SliceAggregationInferer"]
 class SliceAggregationInferer(AnomalyInferer):
     """Apply a 2D inferer slice by slice along one axis and stack the results back into volumes.
 
-    Slices are padded (zeros) to a multiple of ``size_divisor`` for the UNet and cropped back; slices that are
-    entirely background are skipped (their map is 0 and their restoration is the input), which is both faster and
-    keeps the background exactly zero.
+    Slices are padded (zeros, symmetrically, as for training) to a multiple of ``size_divisor`` for the UNet and
+    cropped back; slices that are entirely background are skipped (their map is 0 and their restoration is the
+    input), which is both faster and keeps the background exactly zero.
 
     A ``foreground`` volume (e.g. the brain mask, ``(B, 1, X, Y, Z)``) given to the call is sliced the same way and
     handed to the 2D inferer as ``foreground=`` (the sliding-window inferer weights patches by it and zeroes the
@@ -58,10 +60,14 @@ class SliceAggregationInferer(AnomalyInferer):
         self.channels_last = channels_last
         self.inference_mode = inference_mode
 
-    def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, slice]]:
+        """Zero-pad ``(N, C, H, W)`` slices symmetrically to a multiple of ``size_divisor``; return them and the
+        ``(rows, columns)`` of the original pixels. Symmetric, as the training slices are padded
+        (:class:`medad.transforms.slices.RandBrainSlicesd`): a whole-slice model learns where the brain sits in
+        its input, and padding only after the last row/column would shift every slice by half the padding."""
         h, w = slices.shape[-2:]
-        ph, pw = (-h) % self.size_divisor, (-w) % self.size_divisor
-        return F.pad(slices, (0, pw, 0, ph)), (h, w)
+        (top, bottom), (left, right) = symmetric_pad((-h) % self.size_divisor), symmetric_pad((-w) % self.size_divisor)
+        return F.pad(slices, (left, right, top, bottom)), (slice(top, top + h), slice(left, left + w))
 
     def _slices(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, C, X, Y, Z) -> (B·S, C, H, W) slices along ``spatial_dim``."""
@@ -119,14 +125,14 @@ class SliceAggregationInferer(AnomalyInferer):
         index = torch.nonzero(keep).flatten()
         for start in range(0, len(index), self.slice_batch_size):
             chunk = index[start : start + self.slice_batch_size]
-            padded, (hh, ww) = self._pad(slices[chunk])
+            padded, (rows, cols) = self._pad(slices[chunk])
             if self.channels_last:
                 padded = padded.contiguous(memory_format=torch.channels_last)
             if fg_slices is not None:
                 kwargs["foreground"] = self._pad(fg_slices[chunk])[0]
             out = self.inferer(padded, network, *args, **kwargs)
-            anomaly[chunk] = out["anomaly_map"][..., :hh, :ww]
-            restoration[chunk] = out["restoration"][..., :hh, :ww]
+            anomaly[chunk] = out["anomaly_map"][..., rows, cols]
+            restoration[chunk] = out["restoration"][..., rows, cols]
 
         def back(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, s, x.shape[1], h, w).movedim(1, axis)

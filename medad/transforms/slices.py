@@ -12,10 +12,10 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-__all__ = ["RandBrainSlicesd"]
+__all__ = ["RandBrainSlicesd", "symmetric_pad"]
 
 
-def _symmetric_pad(amount: int) -> tuple[int, int]:
+def symmetric_pad(amount: int) -> tuple[int, int]:
     """MONAI's "symmetric" padding: half before, the rest after."""
     return amount // 2, amount - amount // 2
 
@@ -98,7 +98,7 @@ class RandBrainSlicesd(Randomizable, MapTransform, MultiSampleTrait):
 
     @staticmethod
     def _pad_to(slices: torch.Tensor, plane: Sequence[int]) -> torch.Tensor:
-        h, w = _symmetric_pad(plane[0] - slices.shape[-2]), _symmetric_pad(plane[1] - slices.shape[-1])
+        h, w = symmetric_pad(plane[0] - slices.shape[-2]), symmetric_pad(plane[1] - slices.shape[-1])
         return F.pad(slices, (*w, *h)) if any(h + w) else slices
 
     def _pad_divisible(self, patch: torch.Tensor) -> torch.Tensor:

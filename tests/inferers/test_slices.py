@@ -35,6 +35,40 @@ def test_slice_inferer_hands_the_brain_mask_to_the_window_inferer():
         inferer(volume, network=None, foreground=brain[..., :3])
 
 
+class _Recorder(AnomalyInferer):
+    """Records the padded slices it is given; restoration = input rolled by one pixel (a position-dependent answer
+    that shows where the wrapper crops it back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        self.seen.append(inputs.clone())
+        rolled = inputs.roll(1, dims=-1)
+        return {"anomaly_map": (rolled - inputs).abs(), "restoration": rolled}
+
+
+def test_slices_are_padded_as_the_training_slices_were():
+    # A whole-slice model learns where the brain sits in its padded input: inference must pad a slice exactly as
+    # RandBrainSlicesd padded it for training (symmetrically), not only after the last row/column (a shift).
+    from medad.transforms.slices import RandBrainSlicesd
+
+    volume = torch.rand(1, 1, 13, 18, 3)
+    recorder = _Recorder()
+    out = SliceAggregationInferer(recorder, spatial_dim=2, size_divisor=8)(volume, network=None)
+    trained = RandBrainSlicesd(["image", "brain_mask"], label_key="brain_mask", num_samples=1, size_divisor=8)
+    trained.set_random_state(0)
+    sample = trained({"image": volume[0], "brain_mask": torch.ones_like(volume[0])})[0]
+    z = [k for k in range(3) if torch.equal(volume[0, ..., k], sample["image"][:, 1:14, 3:21])][0]  # 13 -> 16, 18 -> 24
+    seen = recorder.seen[0][z]
+    assert seen.shape == sample["image"].shape == (1, 16, 24)
+    assert torch.equal(seen, sample["image"])
+    # the answer is cropped back from the same place
+    expected = torch.nn.functional.pad(volume[0, ..., z], (3, 3, 1, 2)).roll(1, dims=-1)[:, 1:14, 3:21]
+    torch.testing.assert_close(out["restoration"][0, ..., z], expected)
+
+
 def test_channels_last_and_inference_mode_keep_the_maps():
     net = random_unet()
     volume = torch.rand(1, 1, 20, 18, 6)
