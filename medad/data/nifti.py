@@ -269,6 +269,9 @@ def volume_transforms(
         CheckInputd(image_key, spatial_dims=3, mask_keys=[mask_key, brain_mask_key], anomaly_mask_key=mask_key),
         # Labels given explicitly: MONAI 1.6 warns that their default will change.
         Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+        # A missing brain mask is the skull-stripped image's non-zero voxels on the file's own grid, resampled
+        # with the image below (nearest): derived after resampling, an upsampled image's ``!= 0`` grows by a rim.
+        EnsureMaskd(brain_mask_key, reference_key=image_key, fill="foreground"),
         *checks,
     ]
     if pixdim is not None:
@@ -280,7 +283,6 @@ def volume_transforms(
     transforms += [
         EnsureTyped(image_key, dtype=torch.float32),
         EnsureMaskd(mask_key, reference_key=image_key, fill="zeros"),
-        EnsureMaskd(brain_mask_key, reference_key=image_key, fill="foreground"),
     ]
     if intensity == "percentile":
         transforms.append(ScalePercentilesInMaskd(image_key, mask_key=brain_mask_key, lower=lower, upper=upper))

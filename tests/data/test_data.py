@@ -382,3 +382,21 @@ def test_downsampling_is_anti_aliased(tmp_path):
     # a grid that gets finer is not filtered
     assert torch.equal(volume_transforms(pixdim=0.5, intensity=None)(item)["image"],
                        volume_transforms(pixdim=0.5, intensity=None, anti_aliasing=False)(item)["image"])
+
+
+def test_missing_brain_mask_is_derived_before_resampling(tmp_path):
+    # A skull-stripped 4 mm volume without a brain-mask file, scored on a 2 mm grid: its brain mask must be the
+    # file's non-zero voxels resampled (nearest), not ``image != 0`` after trilinear upsampling, which grows a rim
+    # of half-zero voxels around the brain (and scores them as brain).
+    image = np.zeros((16, 16, 16), np.float32)
+    image[4:12, 4:12, 4:12] = np.random.default_rng(0).uniform(0.5, 1.0, (8, 8, 8))
+    item = {"image": _save(tmp_path / "head.nii.gz", image, spacing=4.0), "mask": None, "brain_mask": None}
+    out = volume_transforms(pixdim=2.0, intensity=None)(item)
+    brain = out["brain_mask"][0] > 0
+    given_mask = {**item, "brain_mask": _save(tmp_path / "head_brain.nii.gz", (image != 0).astype(np.float32), 4.0)}
+    assert torch.equal(brain, volume_transforms(pixdim=2.0, intensity=None)(given_mask)["brain_mask"][0] > 0)
+    # 8 voxels of 4 mm = 32 mm = 16 voxels of 2 mm per axis (± one at the nearest-neighbour ties)
+    extent = [int(brain.any(dim=tuple(j for j in range(3) if j != axis)).sum()) for axis in range(3)]
+    assert all(15 <= e <= 17 for e in extent), extent
+    rim = (out["image"][0] != 0) & ~brain
+    assert rim.sum() > 0 and float(out["image"][0][rim].max()) < 1.0  # the upsampled rim exists but is not brain
