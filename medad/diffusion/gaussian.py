@@ -128,11 +128,18 @@ class GaussianDiffusion:
         return 2 * image_channels if self.model_var_type == ModelVarType.LEARNED_RANGE else image_channels
 
     def sample_timesteps(
-        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        max_timestep: int | None = None,
     ) -> torch.Tensor:
-        """Uniform timesteps in [0, T), LongTensor of shape ``(batch,)`` on ``device``."""
+        """Uniform timesteps in [0, T) (or [0, ``max_timestep``)), LongTensor of shape ``(batch,)`` on ``device``."""
+        high = self.num_timesteps if max_timestep is None else int(max_timestep)
+        if not 1 <= high <= self.num_timesteps:
+            raise ValueError(f"max_timestep must lie in [1, {self.num_timesteps}], got {max_timestep}.")
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        t = torch.randint(0, high, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
     def _check_t(self, t: torch.Tensor, x: torch.Tensor) -> None:

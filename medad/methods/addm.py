@@ -72,7 +72,7 @@ class AdversarialDiffusionStep(DiffusionStep):
             ``"least_squares"`` or ``"hinge"``.
         discriminator_lr: learning rate of the default optimiser.
         clip_denoised: clamp x̂_0 to [-1, 1] inside the fake reverse step, as the test-time sampler does.
-        data_range / noise / simplex_kwargs / image_key: as :class:`~medad.methods.DiffusionStep`; ``noise`` is
+        data_range / noise / simplex_kwargs / image_key / max_timestep: as :class:`~medad.methods.DiffusionStep`; ``noise`` is
             the training noise (AnoDDPM trains with ``"simplex"`` to detect with it).
     """
 
@@ -90,8 +90,16 @@ class AdversarialDiffusionStep(DiffusionStep):
         noise: str = "gaussian",
         simplex_kwargs: dict[str, Any] | None = None,
         image_key: str = "image",
+        max_timestep: int | None = None,
     ) -> None:
-        super().__init__(diffusion, data_range=data_range, noise=noise, simplex_kwargs=simplex_kwargs, image_key=image_key)
+        super().__init__(
+            diffusion,
+            data_range=data_range,
+            noise=noise,
+            simplex_kwargs=simplex_kwargs,
+            image_key=image_key,
+            max_timestep=max_timestep,
+        )
         if adversarial_weight < 0:
             raise ValueError(f"adversarial_weight (λ) must be >= 0, got {adversarial_weight}.")
         self.discriminator = discriminator

@@ -27,6 +27,9 @@ class DiffusionStep(nn.Module):
         noise: ``"gaussian"`` or ``"simplex"`` (AnoDDPM trains on simplex noise to detect with it).
         simplex_kwargs: arguments of :func:`medad.corruptions.simplex_noise`.
         image_key: batch key of the images.
+        max_timestep: train on t uniform in [0, ``max_timestep``) instead of [0, T). Partial-diffusion detection
+            (AnoDDPM, ddpm_partial) never runs the chain above its noise level, so this spends every training step
+            on the timesteps that detection uses; ``None`` (default) is the full DDPM range.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class DiffusionStep(nn.Module):
         noise: str = "gaussian",
         simplex_kwargs: dict[str, Any] | None = None,
         image_key: str = "image",
+        max_timestep: int | None = None,
     ) -> None:
         super().__init__()
         if noise not in ("gaussian", "simplex"):
@@ -45,6 +49,9 @@ class DiffusionStep(nn.Module):
         self.noise = noise
         self.simplex_kwargs = dict(simplex_kwargs or {})
         self.image_key = image_key
+        self.max_timestep = max_timestep
+        if max_timestep is not None:
+            diffusion.sample_timesteps(1, max_timestep=max_timestep)  # validates the range now, not mid-training
 
     def sample_noise(self, x0: torch.Tensor) -> torch.Tensor:
         if self.noise == "gaussian":
@@ -57,7 +64,7 @@ class DiffusionStep(nn.Module):
         """The per-sample terms of ``training_losses`` plus the step's ``x0`` (model range) and ``t`` (for steps that
         add to them, e.g. ADDM's adversary)."""
         x0 = to_model_range(batch[self.image_key], self.data_range)
-        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, max_timestep=self.max_timestep)
         terms = self.diffusion.training_losses(network, x0, t, noise=self.sample_noise(x0))
         return {**terms, "x0": x0, "t": t}
 

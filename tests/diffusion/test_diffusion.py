@@ -261,6 +261,17 @@ def test_strided_restore_with_oracle_recovers_x0(var_type, shape):
 
 
 # ---------------------------------------------------------------- training losses
+def test_sample_timesteps_max_timestep_range():
+    d = make_diffusion("linear", 100)
+    t = d.sample_timesteps(4000, generator=torch.Generator().manual_seed(0), max_timestep=25)
+    assert int(t.min()) == 0 and int(t.max()) == 24  # uniform on [0, 25): every value drawn in 4000
+    assert torch.equal(torch.bincount(t, minlength=25) > 0, torch.ones(25, dtype=torch.bool))
+    assert int(d.sample_timesteps(4000, generator=torch.Generator().manual_seed(0)).max()) == 99
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match="max_timestep"):
+            d.sample_timesteps(1, max_timestep=bad)
+
+
 @pytest.mark.parametrize("mean_type,loss_type", [("epsilon", "mse"), ("epsilon", "l1"), ("start_x", "mse")])
 def test_training_losses_shapes_and_oracle(mean_type, loss_type):
     d = make_diffusion("linear", 100, mean_type, "fixed_large", loss_type, beta_start=1e-3, beta_end=0.2)

@@ -47,6 +47,17 @@ def test_step_losses_are_finite_and_combine_with_lambda():
     assert out["loss"].requires_grad and not out["discriminator"].requires_grad
 
 
+def test_max_timestep_restricts_training_to_detection_timesteps():
+    # AnoDDPM detects from t = noise level; with max_timestep the step never trains above it (and says so early)
+    discriminator = PatchDiscriminator(spatial_dims=2, channels=8, in_channels=1, num_layers_d=2)
+    step = AdversarialDiffusionStep(make_diffusion("linear", 1000), discriminator, max_timestep=250)
+    torch.manual_seed(0)
+    t = step.losses(tiny_unet(), {"image": torch.rand(64, 1, 8, 8)})["t"]
+    assert int(t.max()) < 250 and int(t.min()) >= 0 and len(set(t.tolist())) > 30
+    with pytest.raises(ValueError, match="max_timestep"):
+        AdversarialDiffusionStep(make_diffusion("linear", 1000), discriminator, max_timestep=1001)
+
+
 def test_discriminator_weights_change_and_it_learns_to_separate():
     torch.manual_seed(0)
     step = tiny_step(lr=1e-2)
