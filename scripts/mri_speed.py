@@ -13,8 +13,10 @@ volume per profile, each in a fresh process, with that process's wall time (star
 
 ``calibrate``: calibration of each bundle and profile on held-out normal volumes, on every slice and on
 ``--slices`` sampled slices, one after the other: seconds, thresholds and the pixel threshold's bootstrap interval.
-``--store`` writes the full-slice calibration of the ``fast`` profile into the bundle's shipped ``models/model.pt``
-(``calibrations["fast"]``; the paper calibration and the weights are left as they are).
+``--store`` writes each profile's full-slice calibration into the bundle's shipped ``models/model.pt``
+(``calibration`` for ``paper``, also written to ``models/calibration.json`` as the evaluator does, and
+``calibrations["fast"]``; the weights are left as they are): after a change to inference, the shipped thresholds are
+re-measured with it.
 
 Examples (the numbers of docs/results.md, "Speed")::
 
@@ -114,9 +116,15 @@ def calibrate(args: argparse.Namespace) -> list[dict[str, Any]]:
                            "image_score_estimate": calibration.get("image_score_estimate", "whole volume")}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    if args.store and profile != "paper" and slices is None:
+                    if args.store and slices is None:
                         store_calibration(shipped, calibration, profile)
-                        print(f"stored calibrations[{profile!r}] in {shipped}", flush=True)
+                        if profile == "paper":  # the copy for TorchScript export, as the evaluator writes it
+                            from medad.engine import export
+                            from medad.engine.distributed import unwrap
+
+                            fingerprint = export.weights_fingerprint(unwrap(evaluator.network).state_dict())
+                            export.write_calibration_file(shipped, calibration, bundle, fingerprint)
+                        print(f"stored the {profile!r} calibration in {shipped}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -241,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cal.add_argument("--volumes", required=True, help="held-out normal volumes (preprocessed images/)")
     cal.add_argument("--brain_mask_dir", required=True)
     cal.add_argument("--slices", type=int, default=16, help="sampled slices per volume")
-    cal.add_argument("--store", action="store_true", help="write the fast profile's calibration into the shipped model")
+    cal.add_argument("--store", action="store_true", help="write each profile's calibration into the shipped model")
     cmp = sub.add_parser("compare", help="paper vs fast inference on the lesion test sets")
     cmp.add_argument("--lesion_root", required=True)
     cmp.add_argument("--sets", nargs="+", default=["dark", "bright", "foreign"])
