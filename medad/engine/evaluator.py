@@ -773,6 +773,8 @@ class AnomalyEvaluator:
             io.save_roc_pr_curves(cases["score"], labels, self.output_dir / "image")
         cases["map"] = None  # the method's maps are measured: their memory goes before the baselines' maps come
         self._add_baselines(result, list(cases["case_id"]))
+        if self.bundle:  # an --output_dir outside the run folder still names its method (medad cohort summarize)
+            result["bundle"] = self.bundle
         io.write_json(self.output_dir / "metrics.json", result)
         self._write_report(result, table)
         if self.tracker is not None:

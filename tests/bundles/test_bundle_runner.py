@@ -44,6 +44,7 @@ def test_monai_bundle_run_trains_and_evaluates(trained: Path):
     metrics = json.loads((trained / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 30 and 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["network_evaluations_per_image"] == 2
+    assert metrics["bundle"] == "ddpm_partial"  # an evaluation copied out of its run folder still names its method
     assert (trained / "eval" / "cases.csv").is_file() and any((trained / "eval" / "overlays").glob("*.png"))
     checkpoint = torch.load(trained / "models" / "model.pt", weights_only=False)
     assert checkpoint["bundle"] == "ddpm_partial" and "pixel_threshold" in checkpoint["calibration"]
