@@ -45,6 +45,10 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
             are not shift-invariant, so this keeps the maps of the patch-wise setting) and its foreground weight
             is that of the one window; a larger image is no longer split (the network sees it all at once,
             weight = its foreground fraction; accuracy change measured in docs/results.md, "Speed").
+        pad_to_roi: with ``whole_image``, pad an image smaller than ``roi_size`` up to it (default, as above); False
+            runs the network on the image as given, for a network trained on whole images (whole slices padded only
+            to the UNet's divisor): it then sees every image exactly as in training, because a padding that moves
+            the image by a number of pixels that is not a multiple of the UNet's stride changes the maps.
     """
 
     def __init__(
@@ -60,8 +64,11 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
         zero_background: bool = True,
         normalize_foreground_weight: bool = True,
         whole_image: bool = False,
+        pad_to_roi: bool = True,
     ) -> None:
         super().__init__()
+        if not pad_to_roi and not whole_image:
+            raise ValueError("pad_to_roi=False needs whole_image=True: the sliding window always pads to roi_size.")
         self.inferer = inferer
         self.roi_size = tuple(int(r) for r in roi_size)
         self.overlap = overlap
@@ -73,6 +80,7 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
         self.zero_background = zero_background
         self.normalize_foreground_weight = normalize_foreground_weight
         self.whole_image = whole_image
+        self.pad_to_roi = pad_to_roi
 
     def foreground(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) -> (B, 1, *spatial) float foreground mask."""
@@ -133,7 +141,7 @@ class SlidingWindowAnomalyInferer(AnomalyInferer):
         spatial = inputs.shape[2:]
         pad: list[int] = []  # as sliding_window_inference: half before, the rest after, last axis first
         for size, roi in reversed(list(zip(spatial, self.roi_size))):
-            diff = max(roi - int(size), 0)
+            diff = max(roi - int(size), 0) if self.pad_to_roi else 0
             pad += [diff // 2, diff - diff // 2]
         padded = torch.nn.functional.pad(inputs, pad) if any(pad) else inputs
         out = dict(self.inferer(padded, network))

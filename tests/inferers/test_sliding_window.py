@@ -54,3 +54,42 @@ def test_whole_image_equals_the_one_window_blend(normalize: bool):
     torch.testing.assert_close(got["anomaly_map"], expected["anomaly_map"], atol=1e-6, rtol=1e-5)
     if normalize:
         torch.testing.assert_close(got["restoration"], expected["restoration"], atol=1e-6, rtol=1e-5)
+
+
+class ShapeRecorder(AnomalyInferer):
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        self.shapes.append(tuple(inputs.shape))
+        return {"anomaly_map": inputs[:, :1].clone(), "restoration": inputs.clone()}
+
+
+def test_whole_image_without_roi_padding_sees_the_image_as_given():
+    # a network trained on whole (divisor-padded) slices must see them as given: padding them to a larger roi moves
+    # the image by a number of pixels that need not be a multiple of the UNet's stride
+    x = torch.rand(2, 1, 24, 32)
+    recorder = ShapeRecorder()
+    out = SlidingWindowAnomalyInferer(recorder, roi_size=(64, 64), whole_image=True, pad_to_roi=False,
+                                      foreground_weighting=False)(x, None)
+    assert recorder.shapes == [(2, 1, 24, 32)]
+    torch.testing.assert_close(out["restoration"], x)
+    padded = ShapeRecorder()
+    SlidingWindowAnomalyInferer(padded, roi_size=(64, 64), whole_image=True, foreground_weighting=False)(x, None)
+    assert padded.shapes == [(2, 1, 64, 64)]
+    with pytest.raises(ValueError, match="whole_image"):
+        SlidingWindowAnomalyInferer(recorder, roi_size=(64, 64), pad_to_roi=False)
+
+
+def test_disyre_applies_a_whole_slice_model_to_whole_unpadded_slices():
+    from pathlib import Path
+
+    from medad import bundle
+
+    repo = Path(__file__).resolve().parents[2]
+    for patch_size, whole, pad in ((None, True, False), ((128, 128), False, True)):
+        parser = bundle.parser(repo / "bundles" / "disyre", "inference", run_dir="/tmp/unused", quick=False,
+                               patch_size=patch_size)
+        window = parser.get_parsed_content("window_inferer")
+        assert (window.whole_image, window.pad_to_roi) == (whole, pad), patch_size
