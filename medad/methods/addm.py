@@ -72,8 +72,8 @@ class AdversarialDiffusionStep(DiffusionStep):
             ``"least_squares"`` or ``"hinge"``.
         discriminator_lr: learning rate of the default optimiser.
         clip_denoised: clamp x̂_0 to [-1, 1] inside the fake reverse step, as the test-time sampler does.
-        data_range / noise / simplex_kwargs / image_key / max_timestep: as :class:`~medad.methods.DiffusionStep`; ``noise`` is
-            the training noise (AnoDDPM trains with ``"simplex"`` to detect with it).
+        data_range / noise / simplex_kwargs / image_key / max_timestep: as :class:`~medad.methods.DiffusionStep`;
+            ``noise`` is the training noise (AnoDDPM trains with ``"simplex"`` to detect with it).
     """
 
     def __init__(

@@ -51,7 +51,8 @@ class DiffusionStep(nn.Module):
         self.image_key = image_key
         self.max_timestep = max_timestep
         if max_timestep is not None:
-            diffusion.sample_timesteps(1, max_timestep=max_timestep)  # validates the range now, not mid-training
+            # validates the range now rather than mid-training (its own generator: the global RNG stays untouched)
+            diffusion.sample_timesteps(1, generator=torch.Generator().manual_seed(0), max_timestep=max_timestep)
 
     def sample_noise(self, x0: torch.Tensor) -> torch.Tensor:
         if self.noise == "gaussian":
