@@ -92,7 +92,8 @@ def volume_loader(parser, images: Path, brain_masks: Path, masks: Path | None = 
 
 # -- calibrate ------------------------------------------------------------------------------------------------
 def calibrate(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from medad.engine.checkpoint import store_calibration
+    from medad.engine import export
+    from medad.engine.distributed import unwrap
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="mri_speed_"))
@@ -116,14 +117,8 @@ def calibrate(args: argparse.Namespace) -> list[dict[str, Any]]:
                            "image_score_estimate": calibration.get("image_score_estimate", "whole volume")}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    if args.store and slices is None:
-                        store_calibration(shipped, calibration, profile)
-                        if profile == "paper":  # the copy for TorchScript export, as the evaluator writes it
-                            from medad.engine import export
-                            from medad.engine.distributed import unwrap
-
-                            fingerprint = export.weights_fingerprint(unwrap(evaluator.network).state_dict())
-                            export.write_calibration_file(shipped, calibration, bundle, fingerprint)
+                    if args.store and slices is None:  # where the evaluator stores its own thresholds
+                        export.store_thresholds(shipped, calibration, profile, bundle, unwrap(evaluator.network))
                         print(f"stored the {profile!r} calibration in {shipped}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

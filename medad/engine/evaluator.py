@@ -29,7 +29,7 @@ from medad.inferers.base import CountingNetwork
 
 from . import comparison, export, grids, shards
 from .amp import autocast, check_amp
-from .checkpoint import CheckpointMismatchError, load_network_weights, store_calibration
+from .checkpoint import CheckpointMismatchError, load_network_weights
 from .distributed import is_main_process, unwrap
 
 __all__ = ["SAVE_MAPS", "AnomalyEvaluator", "calibrate_thresholds"]
@@ -501,16 +501,13 @@ class AnomalyEvaluator:
         return record
 
     def _store_calibration(self) -> None:
-        """Write the thresholds into the checkpoint (rank 0): ``calibration`` (paper) or ``calibrations[profile]``."""
+        """Write the thresholds into the checkpoint (rank 0): ``calibration`` (paper, also ``calibration.json``) or
+        ``calibrations[profile]``."""
         if (self.checkpoint_path is None or not self.checkpoint_path.is_file() or not is_main_process()
                 or export.model_format(self.checkpoint_path) is not None):
             return
-        store_calibration(self.checkpoint_path, self.calibration, self.inference_profile)
-        if self.inference_profile != "paper":
-            return
-        # The same thresholds beside the checkpoint, for ckpt_export to embed in TorchScript.
-        fingerprint = export.weights_fingerprint(unwrap(self.network).state_dict())
-        export.write_calibration_file(self.checkpoint_path, self.calibration, self.bundle, fingerprint)
+        export.store_thresholds(self.checkpoint_path, self.calibration, self.inference_profile, self.bundle,
+                                unwrap(self.network))
 
     # -- evaluation --------------------------------------------------------------------------------
     def _ranking_metrics(self, cases: Mapping[str, Any], pixel_threshold: float | None = None) -> dict[str, Any]:

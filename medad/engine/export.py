@@ -35,7 +35,7 @@ import torch
 
 from medad.io.atomic import atomic_save, write_json
 
-from .checkpoint import CheckpointMismatchError
+from .checkpoint import CheckpointMismatchError, store_calibration
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -58,6 +58,7 @@ __all__ = [
     "network_fingerprint",
     "quiet_torchscript",
     "read_calibration",
+    "store_thresholds",
     "weights_fingerprint",
     "write_calibration_file",
 ]
@@ -108,6 +109,21 @@ def write_calibration_file(
 ) -> Path:
     """Write ``calibration.json`` beside ``checkpoint_path`` (atomically)."""
     return write_json(calibration_path(checkpoint_path), _record(calibration, bundle, fingerprint))
+
+
+def store_thresholds(
+    checkpoint_path: str | os.PathLike,
+    calibration: Mapping[str, Any],
+    profile: str,
+    bundle: str | None,
+    network: torch.nn.Module,
+) -> None:
+    """Write calibrated thresholds where inference and export read them: into the checkpoint (``calibration`` for
+    the ``paper`` inference profile, ``calibrations[profile]`` for another) and, for ``paper``, into
+    ``calibration.json`` beside it, fingerprinted with ``network``'s weights, for ckpt_export to embed."""
+    store_calibration(checkpoint_path, dict(calibration), profile)
+    if profile == "paper":
+        write_calibration_file(checkpoint_path, calibration, bundle, weights_fingerprint(network.state_dict()))
 
 
 def read_calibration(
