@@ -93,3 +93,8 @@ def test_disyre_applies_a_whole_slice_model_to_whole_unpadded_slices():
                                patch_size=patch_size)
         window = parser.get_parsed_content("window_inferer")
         assert (window.whole_image, window.pad_to_roi) == (whole, pad), patch_size
+    # asking for sliding windows on a whole-slice model gives them (padded to the window), not an error
+    parser = bundle.parser(repo / "bundles" / "disyre", "inference", run_dir="/tmp/unused", quick=False,
+                           patch_size=None, whole_slice=False)
+    window = parser.get_parsed_content("window_inferer")
+    assert (window.whole_image, window.pad_to_roi) == (False, True)
