@@ -142,6 +142,23 @@ class GaussianDiffusion:
         t = torch.randint(0, high, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
+    def check_trained_range(self, detection_timestep: int, max_training_timestep: int | None) -> None:
+        """Raise if detection would run the network at a timestep its training never drew.
+
+        Args:
+            detection_timestep: the highest timestep (0-based) detection evaluates the network at.
+            max_training_timestep: training drew t uniformly in [0, ``max_training_timestep``)
+                (:meth:`sample_timesteps`); None: all T timesteps, nothing to check.
+        """
+        if max_training_timestep is None:
+            return
+        if int(detection_timestep) >= int(max_training_timestep):
+            raise ValueError(
+                f"detection starts from t = {int(detection_timestep)}, but the network was trained on t < "
+                f"{int(max_training_timestep)} only (max_training_timestep); set max_training_timestep above "
+                f"{int(detection_timestep)} or detect from a lower noise level."
+            )
+
     def _check_t(self, t: torch.Tensor, x: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"timesteps must be a LongTensor of shape (B,) = ({x.shape[0]},).")

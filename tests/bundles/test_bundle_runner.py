@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,22 @@ def test_ckpt_export_gives_the_same_network(trained: Path, tmp_path: Path):
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([0, 5])
     with torch.no_grad():
         assert torch.allclose(exported(x, t), network.eval()(x, t), atol=1e-5)
+
+
+def test_a_run_trained_below_a_noise_level_refuses_to_detect_from_it(trained: Path, tmp_path: Path):
+    # run.json stores max_training_timestep; restoring from t = 3 with a network trained on t < 2 only is refused
+    run_dir = tmp_path / "run"
+    (run_dir / "models").mkdir(parents=True)
+    shutil.copy(trained / "models" / "model.pt", run_dir / "models" / "model.pt")
+    record = json.loads((trained / "run.json").read_text(encoding="utf-8"))
+    assert record["settings"]["max_training_timestep"] is None  # recorded for every diffusion run
+    record["settings"]["max_training_timestep"] = 2
+    (run_dir / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    args = [sys.executable, "-m", "medad", "run", "--config", "bundles/ddpm_partial", "--workflow", "evaluate",
+            "--run_dir", str(run_dir), "--output_dir", str(tmp_path / "eval"), "--image_size", "16"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    refused = subprocess.run([*args, "--restoration_steps", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 1
+    assert "detection starts from t = 2, but the network was trained on t < 2 only" in refused.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()

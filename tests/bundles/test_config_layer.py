@@ -186,3 +186,16 @@ def test_parent_configs_and_an_unknown_domain_are_refused():
         bundle.run(REPO / "bundles" / "fair", parent_configs=["base.json"])
     with pytest.raises(OverrideError, match="--data must be one of industrial, mri"):
         bundle.config_files(REPO / "bundles" / "fair", data="xray")
+
+
+@pytest.mark.parametrize("name,detection_t", [("addm", 249), ("ddpm_partial", 9), ("ddpm_kl", 400)])
+def test_training_below_the_detection_noise_level_is_refused_when_the_config_resolves(name: str, detection_t: int):
+    # the network would never be trained at the timestep detection starts from: refused before any training step
+    parser = bundle.parser(REPO / "bundles" / name, "train", run_dir="/tmp/unused")
+    parser.update({"max_training_timestep": detection_t})
+    with pytest.raises(Exception) as failure:
+        parser.get_parsed_content("image_inferer")
+    code, sentence = cli.explain_error(failure.value)  # what `medad run` prints
+    assert code == 1 and sentence.startswith(f"ValueError: detection starts from t = {detection_t}, but the network")
+    parser.update({"max_training_timestep": detection_t + 1})
+    assert parser.get_parsed_content("image_inferer") is not None

@@ -352,3 +352,11 @@ def test_restore_draws_every_step_noise_from_noise_fn():
     torch.testing.assert_close(outs[0]["restoration"], outs[1]["restoration"])  # the generator is not used
     gaussian = [diffusion.restore(network, x, 20, 3, noise_start=False, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
     assert not torch.equal(gaussian[0]["restoration"], gaussian[1]["restoration"])
+
+
+def test_check_trained_range_refuses_detection_above_the_training_timesteps():
+    d = make_diffusion("linear", 1000)
+    d.check_trained_range(249, 250)  # AnoDDPM at noise level 250 trained on t < 250: every timestep it uses
+    d.check_trained_range(999, None)  # trained on all T
+    with pytest.raises(ValueError, match=r"t = 250, .* t < 250"):
+        d.check_trained_range(250, 250)
