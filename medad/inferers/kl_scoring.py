@@ -143,7 +143,7 @@ class KLScoringInferer(AnomalyInferer):
         data_range: range of the input images, mapped to the models' [-1, 1].
         seed: seed of the noise draws, for repeatable maps (None: global RNG).
         eps: lower bound of a standard deviation.
-        max_trained_timestep: the network's training drew t below this only (a bundle's ``max_training_timestep``);
+        max_training_timestep: the network's training drew t below this only (the bundle key of that name);
             a noise scale at or above it raises ValueError. None: trained on all T timesteps.
 
     Returns of ``inferer(images, network)``: ``anomaly_map`` ``(B, 1, *spatial)``; ``restoration`` ``(B, C, *spatial)``
@@ -170,7 +170,7 @@ class KLScoringInferer(AnomalyInferer):
         data_range: tuple[float, float] = (0.0, 1.0),
         seed: int | None = 0,
         eps: float = 1e-8,
-        max_trained_timestep: int | None = None,
+        max_training_timestep: int | None = None,
     ) -> None:
         super().__init__()
         if standardize not in STANDARDIZE_MODES:
@@ -187,7 +187,7 @@ class KLScoringInferer(AnomalyInferer):
                 f"timesteps {bad} must lie in [stride, T - 1] = [{self.stride}, {diffusion.num_timesteps - 1}] so each "
                 "score is a KL term of the chain."
             )
-        diffusion.check_trained_range(max(self.timesteps), max_trained_timestep)
+        diffusion.check_trained_range(max(self.timesteps), max_training_timestep)
         if kl_weight == 0 and feature_weight == 0:
             raise ValueError("kl_weight and feature_weight are both 0: the anomaly map would be empty.")
         self.diffusion = diffusion

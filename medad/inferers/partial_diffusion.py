@@ -30,7 +30,7 @@ class PartialDiffusionInferer(AnomalyInferer):
         simplex_kwargs: octaves / persistence / frequency of :func:`medad.corruptions.simplex_noise`.
         data_range: range of the input images, mapped to the models' [-1, 1].
         seed: seed of the noise draws, for repeatable maps (None: global RNG).
-        max_trained_timestep: the network's training drew t below this only (a bundle's ``max_training_timestep``);
+        max_training_timestep: the network's training drew t below this only (the bundle key of that name);
             a ``t_start`` at or above it raises ValueError. None: trained on all T timesteps.
     """
 
@@ -45,7 +45,7 @@ class PartialDiffusionInferer(AnomalyInferer):
         simplex_kwargs: dict[str, Any] | None = None,
         data_range: tuple[float, float] = (0.0, 1.0),
         seed: int | None = 0,
-        max_trained_timestep: int | None = None,
+        max_training_timestep: int | None = None,
     ) -> None:
         super().__init__()
         if noise not in ("gaussian", "simplex"):
@@ -57,7 +57,7 @@ class PartialDiffusionInferer(AnomalyInferer):
         self.t_start = int(t_start)
         self.num_steps = int(num_steps) if num_steps is not None else self.t_start + 1
         diffusion.timesteps_for_restoration(self.t_start, self.num_steps)  # validate early
-        diffusion.check_trained_range(self.t_start, max_trained_timestep)
+        diffusion.check_trained_range(self.t_start, max_training_timestep)
         self.noise_start = noise_start
         self.noise = noise
         self.step_noise = step_noise
