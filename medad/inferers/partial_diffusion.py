@@ -20,7 +20,7 @@ class PartialDiffusionInferer(AnomalyInferer):
     Args:
         diffusion: the shared :class:`~medad.diffusion.GaussianDiffusion` the network was trained with.
         t_start: first timestep (0-based). Seed 000's k reverse steps from x_k: ``t_start = k - 1``.
-            AnoDDPM / ADDM: 200-250 (of 1000).
+            AnoDDPM: 200-250 (of 1000); the ADDM bundle's MRI default is 25 (chosen on validation heads).
         num_steps: network evaluations (strided steps), default ``t_start + 1`` (every step).
         noise_start: True: x_t ~ q(x_t | x_0) (seed 000 "diffusion", AnoDDPM); False: the test image itself is x_t
             (seed 000 "no diffusion").
