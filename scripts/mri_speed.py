@@ -73,7 +73,8 @@ def evaluator_for(bundle: str, profile: str, checkpoint: Path, output_dir: Path,
         network=parser.get_parsed_content("network"), inferer=parser.get_parsed_content("inferer"), test_loader=[],
         output_dir=output_dir, image_score=parser.get_parsed_content("image_score"), checkpoint_path=checkpoint,
         bundle=bundle, calibration_loader=calibration_loader, region_key="brain_mask", foreground_key="brain_mask",
-        inference_profile=profile, calibration_slices=calibration_slices, progress=False,
+        inference_profile=profile, inference_settings=parser.get_parsed_content("inference_settings"),
+        calibration_slices=calibration_slices, progress=False,
     )
     return evaluator, parser
 

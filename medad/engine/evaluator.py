@@ -185,6 +185,11 @@ class AnomalyEvaluator:
             has its own calibration: ``"paper"`` in the checkpoint's ``calibration`` (and ``calibration.json``),
             another in its ``calibrations[<profile>]``; a profile without one is calibrated when normal data are
             given, else its cases get no decisions or segmentations (with a warning).
+        inference_settings: the settings besides the profile that shape the maps (e.g. ADDM's ``noise_level``,
+            DISYRE's ``inference_steps``; a bundle's ``inference_settings`` config section). They are recorded with
+            the thresholds; stored thresholds made with other settings are not used (a warning names both): they
+            are calibrated again when normal data are given, without being stored (the checkpoint keeps those of its
+            own settings), else the cases get no decisions or segmentations. None: not checked.
         calibration_slices: calibrate volumes on this many equally spaced slices through each calibration volume's
             region (brain) instead of all of them (None: all). The pixel threshold keeps its meaning (the
             ``1 - pixel_fpr`` quantile of normal voxels) with sampling error; the image score is estimated by
@@ -240,6 +245,7 @@ class AnomalyEvaluator:
         val_handlers: Sequence[Any] | None = None,
         deidentify_dicom: bool = True,
         inference_profile: str = "paper",
+        inference_settings: Mapping[str, Any] | None = None,
         calibration_slices: int | None = None,
         calibration_bootstrap: int = 200,
         shard: str | None = None,
@@ -281,6 +287,9 @@ class AnomalyEvaluator:
         self.amp = check_amp(amp)
         self.deidentify_dicom = bool(deidentify_dicom)
         self.inference_profile = str(inference_profile or "paper")
+        # JSON round trip: tuples become lists, as in the stored record they are compared with
+        self.inference_settings = None if inference_settings is None else json.loads(json.dumps(dict(inference_settings)))
+        self._stored_for_other_settings = False
         if calibration_slices is not None and int(calibration_slices) < 1:
             raise ValueError(f"calibration_slices must be a positive number of slices or None, got {calibration_slices}.")
         self.calibration_slices = None if calibration_slices is None else int(calibration_slices)
@@ -312,8 +321,22 @@ class AnomalyEvaluator:
     def _profile_calibration(self, state: Mapping[str, Any]) -> dict[str, float] | None:
         """The stored calibration of this evaluator's inference profile (``calibration`` for ``"paper"``)."""
         if self.inference_profile == "paper":
-            return state.get("calibration")
-        return dict(state.get("calibrations") or {}).get(self.inference_profile)
+            record = state.get("calibration")
+        else:
+            record = dict(state.get("calibrations") or {}).get(self.inference_profile)
+        stored = record.get("inference_settings") if isinstance(record, Mapping) else None
+        if stored is None or self.inference_settings is None or stored == self.inference_settings:
+            return record
+        changed = sorted(k for k in {*stored, *self.inference_settings} if stored.get(k) != self.inference_settings.get(k))
+        logger.warning(
+            "%s: the stored '%s' thresholds were calibrated with %s; this run uses %s: they are not used here%s",
+            self.checkpoint_path, self.inference_profile, ", ".join(f"{k}={stored.get(k)!r}" for k in changed),
+            ", ".join(f"{k}={self.inference_settings.get(k)!r}" for k in changed),
+            " (calibrated again on the held-out normal data, not stored)" if self.calibration_loader is not None
+            else " (no decisions or segmentations: evaluate with held-out normal data to calibrate these settings)",
+        )
+        self._stored_for_other_settings = True
+        return None
 
     @contextlib.contextmanager
     def _seeded(self, batch_index: int) -> Iterator[None]:
@@ -482,6 +505,8 @@ class AnomalyEvaluator:
     ) -> dict[str, Any]:
         """What the thresholds were made with: profile, slice sample, the pixel threshold's sampling error."""
         record: dict[str, Any] = {"inference_profile": self.inference_profile, "calibration_slices": self.calibration_slices}
+        if self.inference_settings is not None:
+            record["inference_settings"] = self.inference_settings
         if sampled and estimate is not None:
             record["calibration_region_share"] = float(np.mean([s["fraction"] for s in sampled]))
             record["image_score_estimate"] = estimate
@@ -504,7 +529,7 @@ class AnomalyEvaluator:
         """Write the thresholds into the checkpoint (rank 0): ``calibration`` (paper, also ``calibration.json``) or
         ``calibrations[profile]``."""
         if (self.checkpoint_path is None or not self.checkpoint_path.is_file() or not is_main_process()
-                or export.model_format(self.checkpoint_path) is not None):
+                or export.model_format(self.checkpoint_path) is not None or self._stored_for_other_settings):
             return
         export.store_thresholds(self.checkpoint_path, self.calibration, self.inference_profile, self.bundle,
                                 unwrap(self.network))

@@ -1,5 +1,6 @@
 """The evaluator's calibration (issue #12): sampled calibration keeps the thresholds' meaning (the same quantile, with
-its bootstrap interval), and thresholds are kept per inference profile.
+its bootstrap interval), and thresholds are kept per inference profile and used only with the settings they were
+made with.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ def _volumes(count: int = 3, seed: int = 0) -> list[dict]:
 
 
 def _evaluator(tmp_path: Path, checkpoint: Path | None, profile: str = "paper", slices: int | None = None,
-               loader=True) -> AnomalyEvaluator:
+               loader=True, settings: dict | None = None) -> AnomalyEvaluator:
     data = DataLoader(Dataset(_volumes()), batch_size=1)
     return AnomalyEvaluator(
         network=torch.nn.Conv2d(1, 1, 1), inferer=SliceAggregationInferer(InputMapInferer(), size_divisor=1),
         test_loader=[], output_dir=tmp_path / "eval", image_score=functools.partial(topk_mean_score, k=40),
         checkpoint_path=checkpoint, bundle="toy", calibration_loader=data if loader else None,
         region_key="brain_mask", foreground_key="brain_mask", inference_profile=profile,
-        calibration_slices=slices, calibration_bootstrap=50, progress=False,
+        calibration_slices=slices, calibration_bootstrap=50, progress=False, inference_settings=settings,
     )
 
 
@@ -92,3 +93,34 @@ def test_each_inference_profile_keeps_its_own_thresholds(tmp_path: Path, caplog)
     with caplog.at_level(logging.WARNING, logger="medad.evaluate"):
         assert other.calibrate() is None
     assert "no thresholds calibrated for inference profile 'tiny'" in caplog.text
+
+
+def test_thresholds_made_with_other_inference_settings_are_not_used(tmp_path: Path, caplog):
+    # e.g. a model calibrated at ADDM noise level 25, evaluated with --noise_level 250: other maps, other thresholds
+    checkpoint = tmp_path / "model.pt"
+    stored = {"image_threshold": 1.0, "pixel_threshold": 2.0, "inference_settings": {"noise_level": 25, "steps": [3, 1]}}
+    save_checkpoint(checkpoint, {"bundle": "toy", "network": torch.nn.Conv2d(1, 1, 1).state_dict(), "calibration": stored})
+    same = _evaluator(tmp_path, checkpoint, settings={"noise_level": 25, "steps": (3, 1)})  # a tuple is its JSON list
+    same.load()
+    assert same.calibration == stored
+    other = _evaluator(tmp_path, checkpoint, settings={"noise_level": 250, "steps": (3, 1)})
+    with caplog.at_level(logging.WARNING):
+        other.load()
+    assert other.calibration is None
+    assert "calibrated with noise_level=25; this run uses noise_level=250" in caplog.text
+    made = other.calibrate()  # calibrated again for these settings, recorded with them ...
+    assert made["inference_settings"] == {"noise_level": 250, "steps": [3, 1]} and made["pixel_threshold"] < 1.0
+    assert load_checkpoint(checkpoint)["calibration"] == stored  # ... and the checkpoint keeps its own
+    without_data = _evaluator(tmp_path, checkpoint, loader=False, settings={"noise_level": 250, "steps": (3, 1)})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        without_data.load()
+    assert without_data.calibrate() is None and "no decisions or segmentations" in caplog.text
+    legacy = tmp_path / "legacy.pt"  # thresholds recorded before settings were: used as before
+    save_checkpoint(legacy, {"bundle": "toy", "network": torch.nn.Conv2d(1, 1, 1).state_dict(),
+                             "calibration": {"image_threshold": 1.0, "pixel_threshold": 2.0}})
+    old = _evaluator(tmp_path, legacy, settings={"noise_level": 250})
+    old.load()
+    assert old.calibration == {"image_threshold": 1.0, "pixel_threshold": 2.0}
+    fresh = _evaluator(tmp_path, None, settings={"noise_level": 250}).calibrate()
+    assert fresh["inference_settings"] == {"noise_level": 250}
