@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from medad.scores.filters import masked_gaussian_filter
+
 from .base import AnomalyInferer
 
 __all__ = ["GaussianScoreInferer", "IntensityScoreInferer", "signed_deviation"]
@@ -51,23 +53,42 @@ class GaussianScoreInferer(AnomalyInferer):
     Args:
         signed: ``False`` |z| (default), ``True``/``"positive"`` bright only, ``"negative"`` dark only.
         channel_reduction: ``"max"`` (default) or ``"sum"``.
+        map_sigma: if > 0, the map is smoothed by a Gaussian of this standard deviation (voxels) inside the
+            foreground (``foreground=`` given to the call, e.g. the brain mask, else the nonzero input voxels) and
+            zeroed outside it (:func:`medad.scores.masked_gaussian_filter`), as the MRI methods' maps are.
     """
 
-    def __init__(self, signed: bool | str = False, channel_reduction: str = "max") -> None:
+    def __init__(self, signed: bool | str = False, channel_reduction: str = "max", map_sigma: float = 0.0) -> None:
         super().__init__()
         _sign_mode(signed)
         _reduce_channels(torch.zeros(1, 1), channel_reduction)
+        if map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0 (voxels), got {map_sigma}.")
         self.signed = signed
         self.channel_reduction = channel_reduction
+        self.map_sigma = float(map_sigma)
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """(B, C, *spatial) -> ``anomaly_map`` (B, 1, *spatial), ``restoration`` (B, C, *spatial)."""
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args: Any,
+        foreground: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """(B, C, *spatial) -> ``anomaly_map`` (B, 1, *spatial), ``restoration`` (B, C, *spatial).
+
+        ``foreground``: optional (B, 1, *spatial) region for ``map_sigma`` smoothing.
+        """
         params = network(inputs)
         channels = inputs.shape[1]
         mean, std = params[:, :channels], params[:, channels:]
         z = (inputs - mean) / std
         anomaly = _reduce_channels(signed_deviation(z, self.signed), self.channel_reduction)
+        if self.map_sigma > 0:
+            region = foreground if foreground is not None else inputs.abs().amax(dim=1, keepdim=True) > 0
+            anomaly = masked_gaussian_filter(anomaly, region, self.map_sigma)
         return {"anomaly_map": anomaly, "restoration": mean}
 
 
@@ -81,12 +102,17 @@ class IntensityScoreInferer(AnomalyInferer):
 
     Args:
         signed: ``True``/``"positive"`` (default), ``"negative"`` (dark lesions) or ``False``/``"abs"``.
+        map_sigma: if > 0, the map is smoothed by a Gaussian of this standard deviation (voxels) inside the
+            foreground (:func:`medad.scores.masked_gaussian_filter`), as :class:`GaussianScoreInferer` does.
     """
 
-    def __init__(self, signed: bool | str = True) -> None:
+    def __init__(self, signed: bool | str = True, map_sigma: float = 0.0) -> None:
         super().__init__()
         _sign_mode(signed)
+        if map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0 (voxels), got {map_sigma}.")
         self.signed = signed
+        self.map_sigma = float(map_sigma)
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -96,4 +122,5 @@ class IntensityScoreInferer(AnomalyInferer):
         foreground = (inputs.abs().amax(dim=1, keepdim=True) > 0).to(inputs.dtype)
         dims = tuple(range(2, inputs.dim()))
         mean = (inputs * foreground).sum(dim=dims, keepdim=True) / foreground.sum(dim=dims, keepdim=True).clamp_min(1)
-        return {"anomaly_map": anomaly * foreground, "restoration": mean * foreground}
+        anomaly = masked_gaussian_filter(anomaly, foreground, self.map_sigma)  # sigma 0: only zero outside
+        return {"anomaly_map": anomaly, "restoration": mean * foreground}

@@ -32,6 +32,9 @@ class PartialDiffusionInferer(AnomalyInferer):
         seed: seed of the noise draws, for repeatable maps (None: global RNG).
         max_training_timestep: the network's training drew t below this only (the bundle key of that name);
             a ``t_start`` at or above it raises ValueError. None: trained on all T timesteps.
+        num_samples: restorations from independent noise draws; the map is the mean of their squared errors (a
+            Monte Carlo estimate of E[(x − x̂0)²], less noisy than one draw), the restoration their mean. 1: one draw
+            (AnoDDPM). Costs ``num_samples`` times the network evaluations.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class PartialDiffusionInferer(AnomalyInferer):
         data_range: tuple[float, float] = (0.0, 1.0),
         seed: int | None = 0,
         max_training_timestep: int | None = None,
+        num_samples: int = 1,
     ) -> None:
         super().__init__()
         if noise not in ("gaussian", "simplex"):
@@ -64,6 +68,9 @@ class PartialDiffusionInferer(AnomalyInferer):
         self.simplex_kwargs = dict(simplex_kwargs or {})
         self.data_range = tuple(data_range)
         self.seed = seed
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        self.num_samples = int(num_samples)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -83,14 +90,18 @@ class PartialDiffusionInferer(AnomalyInferer):
 
             return simplex_noise(tuple(x.shape), generator=simplex_generator, device=x.device, dtype=x.dtype, **self.simplex_kwargs)
 
-        start, noise_start = x0, self.noise_start
-        if self.noise_start and self.noise == "simplex":
-            t = torch.full((x0.shape[0],), self.t_start, dtype=torch.long, device=x0.device)
-            start, noise_start = self.diffusion.q_sample(x0, t, noise=simplex(x0)), False
         noise_fn = simplex if self.step_noise == "simplex" else None
-        out = self.diffusion.restore(
-            network, start, self.t_start, self.num_steps, noise_start=noise_start, generator=generator, noise_fn=noise_fn
-        )
-        restoration = from_model_range(out["restoration"], self.data_range)
-        # seed 000: squared error summed over channels; AnoDDPM: (x - x̂0)², the same for one channel.
-        return {"anomaly_map": squared_error_map(inputs, restoration), "restoration": restoration}
+        anomaly_map, restoration = torch.zeros_like(inputs[:, :1]), torch.zeros_like(inputs)
+        for _ in range(self.num_samples):  # the generators move on: every sample draws new noise
+            start, noise_start = x0, self.noise_start
+            if self.noise_start and self.noise == "simplex":
+                t = torch.full((x0.shape[0],), self.t_start, dtype=torch.long, device=x0.device)
+                start, noise_start = self.diffusion.q_sample(x0, t, noise=simplex(x0)), False
+            out = self.diffusion.restore(
+                network, start, self.t_start, self.num_steps, noise_start=noise_start, generator=generator, noise_fn=noise_fn
+            )
+            sample = from_model_range(out["restoration"], self.data_range)
+            # seed 000: squared error summed over channels; AnoDDPM: (x - x̂0)², the same for one channel.
+            anomaly_map += squared_error_map(inputs, sample) / self.num_samples
+            restoration += sample / self.num_samples
+        return {"anomaly_map": anomaly_map, "restoration": restoration}

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from medad.scores.filters import masked_gaussian_filter
 from medad.transforms.slices import symmetric_pad
 
 from .base import AnomalyInferer
@@ -37,6 +38,10 @@ class SliceAggregationInferer(AnomalyInferer):
             attention layers).
         inference_mode: infer under ``torch.inference_mode`` instead of ``torch.no_grad`` (no version counters
             or views are tracked; the outputs are inference tensors, to be read, not trained on).
+        map_sigma: if > 0, the stacked 3D map is smoothed by a Gaussian of this standard deviation (voxels of the
+            volume's grid) inside the foreground (the brain mask if given, else the non-background voxels) and
+            zeroed outside it (:func:`medad.scores.masked_gaussian_filter`): each slice is scored on its own, a
+            lesion spans several. 0 (default): the slice maps as they are.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class SliceAggregationInferer(AnomalyInferer):
         background_threshold: float = 0.0,
         channels_last: bool = False,
         inference_mode: bool = False,
+        map_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dim not in (0, 1, 2):
@@ -59,6 +65,9 @@ class SliceAggregationInferer(AnomalyInferer):
         self.background_threshold = background_threshold
         self.channels_last = channels_last
         self.inference_mode = inference_mode
+        if map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0 (voxels), got {map_sigma}.")
+        self.map_sigma = float(map_sigma)
 
     def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, slice]]:
         """Zero-pad ``(N, C, H, W)`` slices symmetrically to a multiple of ``size_divisor``; return them and the
@@ -137,4 +146,8 @@ class SliceAggregationInferer(AnomalyInferer):
         def back(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, s, x.shape[1], h, w).movedim(1, axis)
 
-        return {"anomaly_map": back(anomaly), "restoration": back(restoration)}
+        anomaly_map = back(anomaly)
+        if self.map_sigma > 0:
+            region = fg_slices if fg_slices is not None else (slices.amax(dim=1, keepdim=True) > self.background_threshold)
+            anomaly_map = masked_gaussian_filter(anomaly_map, back(region.to(inputs.dtype)), self.map_sigma)
+        return {"anomaly_map": anomaly_map, "restoration": back(restoration)}

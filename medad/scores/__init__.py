@@ -4,7 +4,7 @@ from medad.scores.border import border_area_share, border_mask, border_top_share
 from medad.scores.color import cielab_color_map, rgb_to_lab, to_grayscale
 from medad.scores.error_maps import absolute_error_map, squared_error_map
 from medad.scores.fair import fair_anomaly_map
-from medad.scores.filters import gaussian_filter_map, mean_filter
+from medad.scores.filters import gaussian_filter_map, masked_gaussian_filter, mean_filter
 from medad.scores.gradient_similarity import (
     gradient_magnitude,
     gradient_magnitude_similarity,
@@ -33,6 +33,7 @@ __all__ = [
     "gradient_magnitude_similarity",
     "max_score",
     "mean_filter",
+    "masked_gaussian_filter",
     "msgms_map",
     "pooled_max_score",
     "prewitt_kernels",

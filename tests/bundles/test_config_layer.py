@@ -33,16 +33,17 @@ CASES = {
                                             "batch_augment": False}),
     "ddpm_kl": ("ddpm_kl", None, {"image_size": 16, "max_steps": 2, "batch_size": 4, "noise_scales": [20],
                                   "batch_augment": False}),
-    # DISYRE's MRI defaults changed after the layer (official dag corruption, EMA, augmentation, mean-single-step):
-    # the settings of then
+    # DISYRE's MRI defaults changed after the layer (official dag corruption, EMA, augmentation, mean-single-step,
+    # 3D map smoothing): the settings of then
     "disyre": ("disyre", None, {"max_steps": 2, "restoration_steps": 1, "slices_per_volume": 2, **SMALL_MRI,
                                 "bias_after_prob": 0.0, "augment": False, "ema_decay": None,
-                                "restoration_mode": "multi_step"}),
+                                "restoration_mode": "multi_step", "map_sigma": 0.0}),
     "disyre_ind": ("disyre", "industrial", {"image_size": 16, "widths": [8, 16], "max_steps": 2, "restoration_steps": 1,
                                             "batch_size": 2}),
-    "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI}),
+    # ADDM's and zscore's MRI maps since session 12: 2 noise draws, 3D smoothing; the settings of then
+    "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI, "map_sigma": 0.0, "detection_samples": 1}),
     "addm_ind": ("addm", "industrial", {**ADDM_NET, "image_size": 32}),
-    "zscore": ("zscore", None, SMALL_MRI),
+    "zscore": ("zscore", None, {**SMALL_MRI, "map_sigma": 0.0}),
     "zscore_ind": ("zscore", "industrial", {"image_size": 32}),
     "intensity": ("intensity", None, SMALL_MRI),
 }
@@ -64,6 +65,11 @@ BEFORE = {
 }
 
 
+#: relative tolerance: FAIR's runs (FFT filter, BatchNorm UNet) differ by up to 0.7 % between CPUs (measured: an AVX-512
+#: Xeon against the recording machine; 0.2 % with oneDNN held to AVX2), the others agree to 1e-4 on both
+TOLERANCE = {"fair": 2e-2, "fair_mri": 2e-2}
+
+
 def _flat(metrics: dict) -> dict:
     return {**metrics, **{f"calibration.{k}": v for k, v in metrics.get("calibration", {}).items()}}
 
@@ -80,7 +86,7 @@ def test_demo_metrics_equal_those_before_the_shared_configs(case: str, tmp_path:
         torch.set_num_threads(threads)
     metrics = _flat(json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8")))
     for key, value in BEFORE[case].items():
-        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert metrics[key] == pytest.approx(value, rel=TOLERANCE.get(case, 1e-4), abs=1e-6), key
 
 
 def _bundle_files() -> list[Path]:
@@ -210,6 +216,10 @@ def test_addm_detection_noise_level_per_domain():
     assert mri.get_parsed_content("noise_level") == 25
     assert industrial.get_parsed_content("noise_level") == 250
     assert mri.get_parsed_content("image_inferer").t_start == 24
+    # MRI: the map averages 2 noise draws (chosen on the validation heads, session 12); photographs: one, as AnoDDPM
+    assert mri.get_parsed_content("image_inferer").num_samples == 2
+    assert industrial.get_parsed_content("image_inferer").num_samples == 1
+    assert mri.get_parsed_content("inference_settings")["detection_samples"] == 2
 
 
 def test_disyre_restoration_mode_per_domain():
@@ -220,3 +230,18 @@ def test_disyre_restoration_mode_per_domain():
     assert mri.get_parsed_content("restoration").mode == "single_step"
     assert industrial.get_parsed_content("restoration").mode == "multi_step"
     assert mri.get_parsed_content("inference_settings")["restoration_mode"] == "single_step"
+
+
+@pytest.mark.parametrize("name,sigma", [("addm", 1.0), ("disyre", 1.5), ("zscore", 1.5), ("intensity", 0.0), ("fair", 0.0)])
+def test_mri_map_smoothing_per_bundle_and_recorded_with_the_thresholds(name: str, sigma: float):
+    # chosen on the validation heads (docs/results.md 1.1, "map smoothing"); intensity: no validation FLAIR, kept raw
+    mri = bundle.parser(REPO / "bundles" / name, "train", data="mri", run_dir="/tmp/unused")
+    assert mri.get_parsed_content("inferer").map_sigma == sigma
+    assert mri.get_parsed_content("inference_settings")["map_sigma"] == sigma
+
+
+def test_photographs_get_no_map_smoothing():
+    # not measured on photographs: the z-score baseline keeps its raw per-pixel map there
+    zscore = bundle.parser(REPO / "bundles" / "zscore", "train", data="industrial", run_dir="/tmp/unused")
+    assert zscore.get_parsed_content("inferer").map_sigma == 0.0
+    assert zscore.get_parsed_content("foreground_key") is None

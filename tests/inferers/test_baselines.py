@@ -29,6 +29,24 @@ def test_gaussian_score_signed_variants_and_channel_reduction():
         GaussianScoreInferer(channel_reduction="mean")
 
 
+def test_gaussian_score_map_sigma_smooths_inside_the_given_foreground():
+    normal = torch.stack([torch.full((1, 13, 13, 13), v) for v in (0.4, 0.5, 0.6)])  # mean 0.5, std 0.1
+    model = fitted_gaussian(normal, std_floor=1e-6)
+    test = torch.full((1, 1, 13, 13, 13), 0.5)
+    test[0, 0, 6, 6, 6] = 0.8  # one voxel with |z| = 3
+    brain = torch.zeros(1, 1, 13, 13, 13)
+    brain[..., 1:12, 1:12, 1:12] = 1  # holds the whole kernel (radius 4 sigma) around the hot voxel
+    raw = GaussianScoreInferer()(test, model)["anomaly_map"]
+    smoothed = GaussianScoreInferer(map_sigma=1.0)(test, model, foreground=brain)["anomaly_map"]
+    # closed form at the hot voxel: 3 x the sampled, normalised Gaussian's central weight, cubed
+    centre_weight = 1.0 / float(np.exp(-np.arange(-4, 5) ** 2 / 2.0).sum())
+    assert raw[0, 0, 6, 6, 6] == pytest.approx(3, rel=1e-4)
+    assert smoothed[0, 0, 6, 6, 6] == pytest.approx(3 * centre_weight**3, rel=1e-3)
+    assert smoothed[0, 0, 6, 6, 6] == smoothed.max() and (smoothed[brain == 0] == 0).all()
+    with pytest.raises(ValueError, match="map_sigma"):
+        GaussianScoreInferer(map_sigma=-0.5)
+
+
 def test_intensity_map_is_the_brain_zscore_of_bright_voxels():
     volume = torch.zeros(1, 1, 10, 10, 10)
     volume[..., 2:8, 2:8, 2:8] = 0.5 + 0.01 * torch.randn(6, 6, 6)

@@ -35,6 +35,33 @@ def test_slice_inferer_hands_the_brain_mask_to_the_window_inferer():
         inferer(volume, network=None, foreground=brain[..., :3])
 
 
+class _SliceIndexMap(AnomalyInferer):
+    """Map = 1 on one slice of the batch only: a lesion seen by one 2D slice, none by its neighbours."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        anomaly = torch.zeros_like(inputs[:, :1])
+        anomaly[inputs[:, 0, 0, 0] == 7.0] = 1.0  # the slice whose corner voxel carries the mark
+        return {"anomaly_map": anomaly, "restoration": inputs}
+
+
+def test_map_sigma_smooths_the_stacked_volume_across_slices_inside_the_brain():
+    volume = torch.ones(1, 1, 12, 12, 15)
+    volume[0, 0, 0, 0, 7] = 7.0  # slice 7 of the axial axis is the only one with a map
+    brain = torch.zeros(1, 1, 12, 12, 15)
+    brain[..., 1:11, 1:11, :] = 1  # every slice: the kernel (radius 4) never reaches past the region along z
+    plain = SliceAggregationInferer(_SliceIndexMap(), spatial_dim=2, size_divisor=4)
+    smoothed = SliceAggregationInferer(_SliceIndexMap(), spatial_dim=2, size_divisor=4, map_sigma=1.0)
+    raw = plain(volume, network=None, foreground=brain)["anomaly_map"]
+    out = smoothed(volume, network=None, foreground=brain)["anomaly_map"]
+    assert raw[..., 6].abs().sum() == 0 and raw[..., 7][brain[..., 7] > 0].min() == 1.0  # without: one slice only
+    centre = out[0, 0, 5, 5]
+    # along z a 1-voxel-thick sheet becomes the Gaussian's profile: exp(-1/2) of the peak one slice away
+    assert centre[6] / centre[7] == pytest.approx(float(torch.exp(torch.tensor(-0.5))), rel=1e-4)
+    assert (out[brain == 0] == 0).all() and (out[brain > 0] >= 0).all()
+    with pytest.raises(ValueError, match="map_sigma"):
+        SliceAggregationInferer(_SliceIndexMap(), map_sigma=-1.0)
+
+
 class _Recorder(AnomalyInferer):
     """Records the padded slices it is given; restoration = input rolled by one pixel (a position-dependent answer
     that shows where the wrapper crops it back)."""

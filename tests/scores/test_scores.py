@@ -18,6 +18,7 @@ from medad.scores import (
     default_pool_kernel,
     fair_anomaly_map,
     gaussian_filter_map,
+    masked_gaussian_filter,
     max_score,
     mean_filter,
     msgms_map,
@@ -143,6 +144,25 @@ def test_gaussian_filter_preserves_constants_and_mass():
     smoothed = gaussian_filter_map(delta, 2.0, padding_mode="zeros")
     assert smoothed.sum() == pytest.approx(1.0, abs=1e-5)
     assert smoothed[0, 0, 20, 20] == smoothed.max()
+
+
+def test_masked_gaussian_filter_keeps_constants_inside_and_ignores_outside():
+    region = torch.zeros(1, 1, 24, 24, 24)
+    region[..., 6:18, 5:19, 8:16] = 1
+    outside = torch.rand(1, 1, 24, 24, 24) * 100  # whatever lies outside must not leak in
+    constant = torch.where(region > 0, torch.full_like(region, 0.3), outside)
+    smoothed = masked_gaussian_filter(constant, region, 2.0)
+    torch.testing.assert_close(smoothed[region > 0], torch.full_like(smoothed[region > 0], 0.3))
+    assert (smoothed[region == 0] == 0).all()
+    # inside a region that holds the kernel, it is the plain Gaussian filter (normalised convolution = convolution)
+    delta = torch.zeros(1, 1, 41, 41)
+    delta[0, 0, 20, 20] = 1
+    torch.testing.assert_close(masked_gaussian_filter(delta, torch.ones_like(delta), 2.0),
+                               gaussian_filter_map(delta, 2.0, padding_mode="zeros"))
+    # sigma 0 only zeroes the outside; a region of another grid is refused
+    torch.testing.assert_close(masked_gaussian_filter(constant, region, 0.0), constant * region)
+    with pytest.raises(ValueError, match="region has shape"):
+        masked_gaussian_filter(constant, region[..., :10], 1.0)
 
 
 def test_pooled_max_of_single_hot_pixel_is_inverse_kernel_area():
