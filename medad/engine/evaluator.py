@@ -202,7 +202,9 @@ class AnomalyEvaluator:
             ``output_dir`` as usual, the shard's tables and metrics to ``output_dir/shards/K-of-N/``; the shard that
             finishes last merges every shard's cases into ``output_dir`` (``medad cohort merge-shards`` does it by
             hand). Every batch keeps its seed, so the merged tables equal an unsharded run's. The thresholds must
-            exist already (shards do not calibrate).
+            exist already (shards do not calibrate), except where the stored ones were made with other inference
+            settings: then every shard calibrates on the same held-out data (the same seeds, so the same thresholds)
+            and none writes the checkpoint.
         baselines: baselines measured beside the method on the same test cases and pixels, with the same metric code
             (:mod:`medad.engine.comparison`), into ``metrics.json`` (``baselines``) and ``report.html``: ``"auto"``
             (default) the z-score baseline fitted on ``calibration_loader`` and, for volumes, the intensity
@@ -422,7 +424,7 @@ class AnomalyEvaluator:
         """Thresholds from the normal calibration data, stored into the checkpoint (rank 0)."""
         if self.calibration is not None:
             return self.calibration
-        if self.shard is not None and self.calibration_loader is not None:
+        if self.shard is not None and self.calibration_loader is not None and not self._stored_for_other_settings:
             raise ValueError(
                 f"{self.checkpoint_path}: --shard needs thresholds calibrated before the shards start (each shard "
                 "would calibrate and write the checkpoint); run the calibration once without --shard."

@@ -42,14 +42,14 @@ def _volumes(count: int = 3, seed: int = 0) -> list[dict]:
 
 
 def _evaluator(tmp_path: Path, checkpoint: Path | None, profile: str = "paper", slices: int | None = None,
-               loader=True, settings: dict | None = None) -> AnomalyEvaluator:
+               loader=True, settings: dict | None = None, shard: str | None = None) -> AnomalyEvaluator:
     data = DataLoader(Dataset(_volumes()), batch_size=1)
     return AnomalyEvaluator(
         network=torch.nn.Conv2d(1, 1, 1), inferer=SliceAggregationInferer(InputMapInferer(), size_divisor=1),
         test_loader=[], output_dir=tmp_path / "eval", image_score=functools.partial(topk_mean_score, k=40),
         checkpoint_path=checkpoint, bundle="toy", calibration_loader=data if loader else None,
         region_key="brain_mask", foreground_key="brain_mask", inference_profile=profile,
-        calibration_slices=slices, calibration_bootstrap=50, progress=False, inference_settings=settings,
+        calibration_slices=slices, calibration_bootstrap=50, progress=False, inference_settings=settings, shard=shard,
     )
 
 
@@ -124,3 +124,24 @@ def test_thresholds_made_with_other_inference_settings_are_not_used(tmp_path: Pa
     assert old.calibration == {"image_threshold": 1.0, "pixel_threshold": 2.0}
     fresh = _evaluator(tmp_path, None, settings={"noise_level": 250}).calibrate()
     assert fresh["inference_settings"] == {"noise_level": 250}
+
+
+def test_shards_calibrate_other_settings_without_writing_and_refuse_a_first_calibration(tmp_path: Path):
+    checkpoint = tmp_path / "model.pt"
+    stored = {"image_threshold": 1.0, "pixel_threshold": 2.0, "inference_settings": {"map_sigma": 1.5}}
+    save_checkpoint(checkpoint, {"bundle": "toy", "network": torch.nn.Conv2d(1, 1, 1).state_dict(), "calibration": stored})
+    # stored thresholds made for other settings: every shard calibrates the same thresholds, none writes them
+    made = []
+    for shard in ("1/2", "2/2"):
+        evaluator = _evaluator(tmp_path, checkpoint, settings={"map_sigma": 0.0}, shard=shard)
+        evaluator.load()
+        made.append(evaluator.calibrate())
+    assert made[0]["pixel_threshold"] == made[1]["pixel_threshold"] < 1.0
+    assert load_checkpoint(checkpoint)["calibration"] == stored
+    # no thresholds at all: a shard would write the checkpoint, so a first calibration under --shard is refused
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(bare, {"bundle": "toy", "network": torch.nn.Conv2d(1, 1, 1).state_dict()})
+    evaluator = _evaluator(tmp_path, bare, settings={"map_sigma": 0.0}, shard="1/2")
+    evaluator.load()
+    with pytest.raises(ValueError, match="run the calibration once without --shard"):
+        evaluator.calibrate()
