@@ -208,6 +208,7 @@ def test_shipped_disyre_finds_dark_spheres_in_a_preprocessed_real_head(cohort, t
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_cases"] == 1
     # measured 2026-12-02 with these spheres, fast profile, 3D-smoothed map: pixel AUROC 1.000, AP 0.955, best Dice
-    # 0.868 (2026-12-01, unsmoothed: 0.998 / 0.813 / 0.736; the 2 mm model; the 4 mm session-6 model, paper profile: 0.977 / 0.792 / 0.780); the model shipped before session 5
-    # (foreign patch only) gave AUROC ~0.5 on dark spheres: the bounds separate a detecting model from a broken path
+    # 0.868 (2026-12-01, unsmoothed: 0.998 / 0.813 / 0.736; the 4 mm session-6 model, paper profile: 0.977 / 0.792 /
+    # 0.780); the model shipped before session 5 (foreign patch only) gave AUROC ~0.5 on dark spheres: the bounds
+    # separate a detecting model from a broken path
     assert metrics["pixel_auroc"] >= 0.95 and metrics["pixel_ap"] >= 0.5
