@@ -50,6 +50,9 @@ BASELINES = ("zscore", "intensity")
 TOPK = {2: 64, 3: 1000}
 #: std floor of the z-score baseline (the zscore bundle's ``std_floor``)
 STD_FLOOR = 0.01
+#: the zscore bundle's map smoothing per number of spatial dimensions (its `map_sigma`: MRI volumes 1.5 voxels inside
+#: the region, chosen on validation heads; photographs none), so the baseline beside a method is the bundle's
+MAP_SIGMA = {2: 0.0, 3: 1.5}
 #: the note when the evaluation has no calibration (held-out normal) data
 NO_NORMAL_DATA = ("No baselines: they need held-out normal data (the calibration set of an evaluation), and this "
                   "evaluation had none (e.g. the inference workflow on a folder).")
@@ -178,7 +181,7 @@ def _score(
         if gaussian is None:
             notes.append(why)
         else:
-            models["zscore"] = (gaussian, GaussianScoreInferer(signed=False, channel_reduction="max"))
+            models["zscore"] = (gaussian, None)  # its inferer once the data's dimensions are known
             num_normal["zscore"] = int(gaussian.count)
     if "intensity" in candidates:
         models["intensity"] = (BrainIntensity("zscore").to(device), IntensityScoreInferer(signed=True))
@@ -193,6 +196,9 @@ def _score(
             if auto and images.dim() != 5:  # the intensity baseline is a brain-MRI baseline
                 models.pop("intensity", None)
                 cases.pop("intensity", None)
+            if "zscore" in models:  # the bundle's smoothing for this kind of data (volumes), inside the region
+                models["zscore"] = (models["zscore"][0], GaussianScoreInferer(
+                    signed=False, channel_reduction="max", map_sigma=MAP_SIGMA.get(images.dim() - 2, 0.0)))
             if not models:
                 break
         count = images.shape[0]
@@ -204,7 +210,7 @@ def _score(
             network, inferer = models[name]
             start = time.perf_counter()
             try:
-                anomaly_map = inferer(images, network)["anomaly_map"].float()
+                anomaly_map = inferer(images, network, foreground=region)["anomaly_map"].float()
             except ValueError:  # a test grid other than the calibration images'
                 notes.append(f"{BASELINE_LABELS[name]}: not measured, the test images are not on the grid of the "
                              "calibration images (it compares voxel by voxel).")

@@ -251,3 +251,13 @@ def test_photographs_get_no_map_smoothing():
     zscore = bundle.parser(REPO / "bundles" / "zscore", "train", data="industrial", run_dir="/tmp/unused")
     assert zscore.get_parsed_content("inferer").map_sigma == 0.0
     assert zscore.get_parsed_content("foreground_key") is None
+
+
+def test_the_baseline_beside_a_method_smooths_as_the_zscore_bundle_does():
+    # medad.engine.comparison measures the z-score baseline beside every method; it must be the bundle's own map
+    from medad.engine import comparison
+
+    for data, dims in (("mri", 3), ("industrial", 2)):
+        zscore = bundle.parser(REPO / "bundles" / "zscore", "train", data=data, run_dir="/tmp/unused")
+        assert comparison.MAP_SIGMA[dims] == zscore.get_parsed_content("map_sigma")
+        assert comparison.STD_FLOOR == zscore.get_parsed_content("std_floor")
