@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from medad import metrics
 from medad import scores as scores_module
 from medad.data.validation import check_files, clear_input_errors
-from medad.inferers.base import CountingNetwork
+from medad.inferers.base import CountingNetwork, nonzero_foreground
 
 from . import comparison, export, grids, shards
 from .amp import autocast, check_amp
@@ -83,7 +83,7 @@ def _region(batch: Mapping[str, Any], key: str | None, images: torch.Tensor) -> 
     if key is None:
         return None
     if key == "foreground":  # nonzero input voxels, e.g. skull-stripped brains
-        return images.abs().amax(dim=1, keepdim=True) > 0
+        return nonzero_foreground(images)
     return batch[key] > 0
 
 

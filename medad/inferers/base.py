@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["AnomalyInferer", "to_model_range", "from_model_range", "CountingNetwork"]
+__all__ = ["AnomalyInferer", "to_model_range", "from_model_range", "nonzero_foreground", "CountingNetwork"]
 
 
 def to_model_range(images: torch.Tensor, data_range: tuple[float, float]) -> torch.Tensor:
@@ -21,6 +21,12 @@ def from_model_range(images: torch.Tensor, data_range: tuple[float, float]) -> t
     """Inverse of :func:`to_model_range`."""
     low, high = data_range
     return (images + 1.0) / 2.0 * (high - low) + low
+
+
+def nonzero_foreground(images: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` -> ``(B, 1, *spatial)`` bool: voxels nonzero in any channel (the brain of a skull-stripped
+    volume whose background is 0), the region used when no brain mask is given."""
+    return images.abs().amax(dim=1, keepdim=True) > 0
 
 
 class AnomalyInferer(Inferer):

@@ -12,7 +12,7 @@ import torch
 
 from medad.scores.filters import masked_gaussian_filter
 
-from .base import AnomalyInferer
+from .base import AnomalyInferer, nonzero_foreground
 
 __all__ = ["GaussianScoreInferer", "IntensityScoreInferer", "signed_deviation"]
 
@@ -87,7 +87,7 @@ class GaussianScoreInferer(AnomalyInferer):
         z = (inputs - mean) / std
         anomaly = _reduce_channels(signed_deviation(z, self.signed), self.channel_reduction)
         if self.map_sigma > 0:
-            region = foreground if foreground is not None else inputs.abs().amax(dim=1, keepdim=True) > 0
+            region = foreground if foreground is not None else nonzero_foreground(inputs)
             anomaly = masked_gaussian_filter(anomaly, region, self.map_sigma)
         return {"anomaly_map": anomaly, "restoration": mean}
 
@@ -119,7 +119,7 @@ class IntensityScoreInferer(AnomalyInferer):
         """(B, C, *spatial) -> ``anomaly_map`` (B, 1, *spatial), ``restoration`` (B, C, *spatial)."""
         normalised = network(inputs)
         anomaly = signed_deviation(normalised, self.signed).amax(dim=1, keepdim=True)
-        foreground = (inputs.abs().amax(dim=1, keepdim=True) > 0).to(inputs.dtype)
+        foreground = nonzero_foreground(inputs).to(inputs.dtype)
         dims = tuple(range(2, inputs.dim()))
         mean = (inputs * foreground).sum(dim=dims, keepdim=True) / foreground.sum(dim=dims, keepdim=True).clamp_min(1)
         anomaly = masked_gaussian_filter(anomaly, foreground, self.map_sigma)  # sigma 0: only zero outside
