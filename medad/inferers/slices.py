@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,11 @@ class SliceAggregationInferer(AnomalyInferer):
             volume's grid) inside the foreground (the brain mask if given, else the non-background voxels) and
             zeroed outside it (:func:`medad.scores.masked_gaussian_filter`): each slice is scored on its own, a
             lesion spans several. 0 (default): the slice maps as they are.
+        mirror_axes: test-time mirroring, as nnU-Net's ``mirror_axes``: spatial axes of the volume (not
+            ``spatial_dim``) along which mirrored copies of the input (and of the foreground) are scored too, every
+            combination of them; the map and the restoration are the means over the unmirrored and the mirrored
+            passes (each mirrored back). ``(0,)`` on RAS volumes = left-right, the mirror a brain is nearly
+            symmetric under. Costs one more pass per combination. ``()`` (default): one pass.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class SliceAggregationInferer(AnomalyInferer):
         channels_last: bool = False,
         inference_mode: bool = False,
         map_sigma: float = 0.0,
+        mirror_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if spatial_dim not in (0, 1, 2):
@@ -68,6 +75,11 @@ class SliceAggregationInferer(AnomalyInferer):
         if map_sigma < 0:
             raise ValueError(f"map_sigma must be >= 0 (voxels), got {map_sigma}.")
         self.map_sigma = float(map_sigma)
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        if any(a not in (0, 1, 2) or a == spatial_dim for a in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError(
+                f"mirror_axes must be distinct spatial axes (0, 1, 2) other than the sliced axis {spatial_dim}, got {mirror_axes}."
+            )
 
     def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, slice]]:
         """Zero-pad ``(N, C, H, W)`` slices symmetrically to a multiple of ``size_divisor``; return them and the
@@ -119,6 +131,36 @@ class SliceAggregationInferer(AnomalyInferer):
             )
         if hasattr(inputs, "as_tensor"):
             inputs = inputs.as_tensor()
+        if hasattr(foreground, "as_tensor"):
+            foreground = foreground.as_tensor()
+        views = [c for r in range(len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, r)]
+        anomaly_map = restoration = region = None
+        for view in views:
+            dims = [2 + a for a in view]
+            mirror = (lambda x: x.flip(dims)) if dims else (lambda x: x)
+            out_map, out_restoration, out_region = self._infer_view(
+                mirror(inputs), network, *args, foreground=None if foreground is None else mirror(foreground), **kwargs
+            )
+            if anomaly_map is None:
+                anomaly_map, restoration, region = out_map, out_restoration, out_region
+            else:
+                anomaly_map, restoration = anomaly_map + mirror(out_map), restoration + mirror(out_restoration)
+        anomaly_map, restoration = anomaly_map / len(views), restoration / len(views)
+        if self.map_sigma > 0:
+            anomaly_map = masked_gaussian_filter(anomaly_map, region, self.map_sigma)
+        return {"anomaly_map": anomaly_map, "restoration": restoration}
+
+    def _infer_view(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args: Any,
+        foreground: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over the slices of (B, C, X, Y, Z) volumes: the stacked map (B, 1, X, Y, Z), the restoration
+        (B, C, X, Y, Z) and the region the map is defined on (B, 1, X, Y, Z; the foreground, else the
+        non-background voxels)."""
         axis = 2 + self.spatial_dim
         moved = inputs.movedim(axis, 1)  # (B, S, C, H, W)
         b, s, c, h, w = moved.shape
@@ -146,8 +188,5 @@ class SliceAggregationInferer(AnomalyInferer):
         def back(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, s, x.shape[1], h, w).movedim(1, axis)
 
-        anomaly_map = back(anomaly)
-        if self.map_sigma > 0:
-            region = fg_slices if fg_slices is not None else (slices.amax(dim=1, keepdim=True) > self.background_threshold)
-            anomaly_map = masked_gaussian_filter(anomaly_map, back(region.to(inputs.dtype)), self.map_sigma)
-        return {"anomaly_map": anomaly_map, "restoration": back(restoration)}
+        region = fg_slices if fg_slices is not None else (slices.amax(dim=1, keepdim=True) > self.background_threshold)
+        return back(anomaly), back(restoration), back(region.to(inputs.dtype))

@@ -107,3 +107,26 @@ def test_channels_last_and_inference_mode_keep_the_maps():
     got = fast(volume, net)
     torch.testing.assert_close(got["anomaly_map"], expected["anomaly_map"], atol=1e-5, rtol=1e-4)
     assert net.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _RowWeightedMap(AnomalyInferer):
+    """map = input × (row index + 1) of the slice, restoration = input × 2: answers that depend on where a pixel sits
+    and show whether each mirrored pass is mirrored back."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        rows = torch.arange(1, inputs.shape[-2] + 1, dtype=inputs.dtype)[:, None]
+        return {"anomaly_map": inputs[:, :1] * rows, "restoration": inputs * 2}
+
+
+def test_mirror_axes_average_the_mirrored_passes_mirrored_back():
+    volume = torch.rand(1, 1, 8, 6, 5) + 0.1  # no background slice: every slice is scored
+    out = SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, size_divisor=1, mirror_axes=(0,))(volume, network=None)
+    rows = torch.arange(1, 9, dtype=volume.dtype)[:, None, None]  # axis 0 of the volume = the slices' rows
+    # the mirrored pass weights the mirrored rows: back in place, row i carries weight 8 - i; the mean is 4.5 everywhere
+    torch.testing.assert_close(out["anomaly_map"], volume * (rows + rows.flip(0)) / 2)
+    torch.testing.assert_close(out["restoration"], volume * 2)
+    two = SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, size_divisor=1, mirror_axes=(0, 1))(volume, network=None)
+    torch.testing.assert_close(two["anomaly_map"], volume * 4.5)  # 4 passes: each row weight meets its mirror twice
+    for bad in [(2,), (0, 0), (3,)]:  # the sliced axis, a repeat, no such axis
+        with pytest.raises(ValueError, match="mirror_axes"):
+            SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, mirror_axes=bad)
