@@ -40,8 +40,8 @@ CASES = {
                                 "restoration_mode": "multi_step", "map_sigma": 0.0}),
     "disyre_ind": ("disyre", "industrial", {"image_size": 16, "widths": [8, 16], "max_steps": 2, "restoration_steps": 1,
                                             "batch_size": 2}),
-    # ADDM's and zscore's MRI maps since session 12: 2 noise draws, 3D smoothing; the settings of then
-    "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI, "map_sigma": 0.0, "detection_samples": 1}),
+    # ADDM's and zscore's MRI maps since session 12: 2 noise draws, 3D smoothing, (ADDM, session 13) mirroring; the settings of then
+    "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI, "map_sigma": 0.0, "detection_samples": 1, "mirror_axes": []}),
     "addm_ind": ("addm", "industrial", {**ADDM_NET, "image_size": 32}),
     "zscore": ("zscore", None, {**SMALL_MRI, "map_sigma": 0.0}),
     "zscore_ind": ("zscore", "industrial", {"image_size": 32}),
@@ -226,6 +226,9 @@ def test_addm_detection_noise_level_per_domain():
     assert mri.get_parsed_content("image_inferer").num_samples == 2
     assert industrial.get_parsed_content("image_inferer").num_samples == 1
     assert mri.get_parsed_content("inference_settings")["detection_samples"] == 2
+    # MRI: and over the left-right mirror of each volume (session 13), recorded with the thresholds
+    assert mri.get_parsed_content("inferer").mirror_axes == (0,)
+    assert mri.get_parsed_content("inference_settings")["mirror_axes"] == [0]
 
 
 def test_disyre_restoration_mode_per_domain():
