@@ -76,9 +76,11 @@ class SliceAggregationInferer(AnomalyInferer):
             raise ValueError(f"map_sigma must be >= 0 (voxels), got {map_sigma}.")
         self.map_sigma = float(map_sigma)
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
-        if any(a not in (0, 1, 2) or a == spatial_dim for a in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
+        allowed = {0, 1, 2} - {spatial_dim}  # mirroring the sliced axis only reorders the slices
+        if not set(self.mirror_axes) <= allowed or len(set(self.mirror_axes)) != len(self.mirror_axes):
             raise ValueError(
-                f"mirror_axes must be distinct spatial axes (0, 1, 2) other than the sliced axis {spatial_dim}, got {mirror_axes}."
+                f"mirror_axes must be distinct spatial axes among {sorted(allowed)} (not the sliced axis "
+                f"{spatial_dim}), got {mirror_axes}."
             )
 
     def _pad(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, slice]]:

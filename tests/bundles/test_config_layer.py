@@ -40,7 +40,8 @@ CASES = {
                                 "restoration_mode": "multi_step", "map_sigma": 0.0}),
     "disyre_ind": ("disyre", "industrial", {"image_size": 16, "widths": [8, 16], "max_steps": 2, "restoration_steps": 1,
                                             "batch_size": 2}),
-    # ADDM's and zscore's MRI maps since session 12: 2 noise draws, 3D smoothing, (ADDM, session 13) mirroring; the settings of then
+    # ADDM's and zscore's MRI maps since session 12: 2 noise draws, 3D smoothing, (ADDM, session 13) mirroring;
+    # the settings of then
     "addm": ("addm", None, {**ADDM_NET, **SMALL_MRI, "map_sigma": 0.0, "detection_samples": 1, "mirror_axes": []}),
     "addm_ind": ("addm", "industrial", {**ADDM_NET, "image_size": 32}),
     "zscore": ("zscore", None, {**SMALL_MRI, "map_sigma": 0.0}),

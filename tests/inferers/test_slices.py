@@ -120,13 +120,15 @@ class _RowWeightedMap(AnomalyInferer):
 
 def test_mirror_axes_average_the_mirrored_passes_mirrored_back():
     volume = torch.rand(1, 1, 8, 6, 5) + 0.1  # no background slice: every slice is scored
-    out = SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, size_divisor=1, mirror_axes=(0,))(volume, network=None)
+    inferer = SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, size_divisor=1, mirror_axes=(0,))
+    out = inferer(volume, network=None)
     rows = torch.arange(1, 9, dtype=volume.dtype)[:, None, None]  # axis 0 of the volume = the slices' rows
     # the mirrored pass weights the mirrored rows: back in place, row i carries weight 8 - i; the mean is 4.5 everywhere
     torch.testing.assert_close(out["anomaly_map"], volume * (rows + rows.flip(0)) / 2)
     torch.testing.assert_close(out["restoration"], volume * 2)
-    two = SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, size_divisor=1, mirror_axes=(0, 1))(volume, network=None)
-    torch.testing.assert_close(two["anomaly_map"], volume * 4.5)  # 4 passes: each row weight meets its mirror twice
+    inferer = SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, size_divisor=1, mirror_axes=(0, 1))
+    # 4 passes (none, rows, columns, both): each row weight meets its mirror twice
+    torch.testing.assert_close(inferer(volume, network=None)["anomaly_map"], volume * 4.5)
     for bad in [(2,), (0, 0), (3,)]:  # the sliced axis, a repeat, no such axis
         with pytest.raises(ValueError, match="mirror_axes"):
             SliceAggregationInferer(_RowWeightedMap(), spatial_dim=2, mirror_axes=bad)
