@@ -136,19 +136,20 @@ class SliceAggregationInferer(AnomalyInferer):
         if hasattr(foreground, "as_tensor"):
             foreground = foreground.as_tensor()
         views = [c for r in range(len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, r)]
-        anomaly_map = restoration = region = None
+        anomaly_map = restoration = 0
         for view in views:
             dims = [2 + a for a in view]
             mirror = (lambda x: x.flip(dims)) if dims else (lambda x: x)
-            out_map, out_restoration, out_region = self._infer_view(
+            out_map, out_restoration = self._infer_view(
                 mirror(inputs), network, *args, foreground=None if foreground is None else mirror(foreground), **kwargs
             )
-            if anomaly_map is None:
-                anomaly_map, restoration, region = out_map, out_restoration, out_region
-            else:
-                anomaly_map, restoration = anomaly_map + mirror(out_map), restoration + mirror(out_restoration)
+            anomaly_map, restoration = anomaly_map + mirror(out_map), restoration + mirror(out_restoration)
         anomaly_map, restoration = anomaly_map / len(views), restoration / len(views)
         if self.map_sigma > 0:
+            if foreground is not None:
+                region = foreground.to(inputs.device) > 0
+            else:
+                region = inputs.amax(dim=1, keepdim=True) > self.background_threshold
             anomaly_map = masked_gaussian_filter(anomaly_map, region, self.map_sigma)
         return {"anomaly_map": anomaly_map, "restoration": restoration}
 
@@ -159,10 +160,9 @@ class SliceAggregationInferer(AnomalyInferer):
         *args: Any,
         foreground: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass over the slices of (B, C, X, Y, Z) volumes: the stacked map (B, 1, X, Y, Z), the restoration
-        (B, C, X, Y, Z) and the region the map is defined on (B, 1, X, Y, Z; the foreground, else the
-        non-background voxels)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the slices of (B, C, X, Y, Z) volumes: the stacked map (B, 1, X, Y, Z) and restoration
+        (B, C, X, Y, Z)."""
         axis = 2 + self.spatial_dim
         moved = inputs.movedim(axis, 1)  # (B, S, C, H, W)
         b, s, c, h, w = moved.shape
@@ -190,5 +190,4 @@ class SliceAggregationInferer(AnomalyInferer):
         def back(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, s, x.shape[1], h, w).movedim(1, axis)
 
-        region = fg_slices if fg_slices is not None else (slices.amax(dim=1, keepdim=True) > self.background_threshold)
-        return back(anomaly), back(restoration), back(region.to(inputs.dtype))
+        return back(anomaly), back(restoration)
