@@ -51,6 +51,16 @@ PAPER = {
 }
 
 
+#: ``--step_cost``: the batch shapes of one training step (B, C, H, W): what each shipped MRI model trained on, and
+#: the paper's (METHODS.md). DISYRE shipped: 2 volumes x 4 whole axial slices of the 2 mm template grid (99 x 117,
+#: padded to 104 x 120); paper: 8 volumes x 12 slices of 128² patches. ADDM shipped: 2 x 4 whole slices of the
+#: 4 mm grid (padded to 56 x 64); paper: 4 slices of 256².
+STEP_COST_BATCHES: dict[str, dict[str, tuple[int, ...]]] = {
+    "disyre": {"shipped": (8, 1, 104, 120), "paper": (96, 1, 128, 128)},
+    "addm": {"shipped": (8, 1, 56, 64), "paper": (4, 1, 256, 256)},
+}
+
+
 def _overrides(values: dict[str, object]) -> list[str]:
     args = []
     for key, value in values.items():
@@ -292,6 +302,39 @@ def profile_inference(args: argparse.Namespace, methods: list[str], overrides: d
     return rows
 
 
+def step_cost(methods: list[str], repeats: int, scales: tuple[str, ...] = ("shipped", "paper")) -> list[dict]:
+    """``--step_cost``: seconds per training step of each shipped MRI network (its bundle's inference config with
+    the shipped weights loaded) and of the same bundle's paper-scale network (``--quick false``), at the batch
+    shapes of :data:`STEP_COST_BATCHES`, and what 100,000 such steps take on this machine."""
+    import torch
+
+    from medad.bundle import parser as bundle_parser
+    from medad.engine.checkpoint import load_network_weights
+    from medad.engine.profiling import network_step_seconds
+
+    rows = []
+    for method in methods:
+        bundle = REPO / "bundles" / method
+        shipped = bundle_parser(bundle, workflow="inference")
+        timesteps = int(shipped.get_parsed_content("num_timesteps"))
+        for scale in scales:
+            if scale == "shipped":
+                network = shipped.get_parsed_content("network_def")
+                load_network_weights(network, bundle / "models" / "model.pt", bundle=method)
+            else:  # built only when asked for: the paper's networks hold 26-91 M parameters
+                network = bundle_parser(bundle, workflow="train", quick=False).get_parsed_content("network_def")
+            shape = STEP_COST_BATCHES[method][scale]
+            seconds = network_step_seconds(network, shape, num_timesteps=timesteps, repeats=repeats)
+            row = {"bundle": method, "scale": scale, "parameters": sum(p.numel() for p in network.parameters()),
+                   "batch": list(shape), "seconds_per_step": seconds, "days_per_100k_steps": seconds * 1e5 / 86400,
+                   "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"[step_cost] {method} {scale}: {row['parameters'] / 1e6:.2f} M parameters, batch "
+                  f"{'x'.join(map(str, shape))}: {seconds:.2f} s per step, 100,000 steps = "
+                  f"{row['days_per_100k_steps']:.1f} days (threads {row['threads']}, load {row['load']:.1f})", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["fair", "ddpm_partial", "ddpm_kl", "zscore"],
@@ -317,7 +360,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inference_only", action="store_true",
                         help="with --profile: only the inference overhead, of an untrained network configured by --extra "
                              "(e.g. --extra '--quick false' for the paper's sizes); --profile_rounds repeats (median)")
+    parser.add_argument("--step_cost", action="store_true",
+                        help="instead: seconds per training step of the shipped MRI networks of --methods (default disyre "
+                             "addm) and of their paper-scale networks (--quick false), the network alone, --repeats "
+                             "timed steps (median); rows in <run_root>/step_cost.json")
     args = parser.parse_args(argv)
+    if args.step_cost:
+        given = "--methods" in (sys.argv[1:] if argv is None else argv)
+        methods = [m for m in args.methods if m in STEP_COST_BATCHES] if given else list(STEP_COST_BATCHES)
+        if not methods:
+            parser.error(f"--step_cost measures {', '.join(STEP_COST_BATCHES)}; none of them is in --methods.")
+        rows = step_cost(methods, args.repeats)
+        Path(args.run_root).mkdir(parents=True, exist_ok=True)
+        (Path(args.run_root) / "step_cost.json").write_text(json.dumps(rows, indent=2))
+        return
     if args.profile:
         profile(args, explicit_methods="--methods" in (sys.argv[1:] if argv is None else argv))
         return

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["profile_bundle", "profile_table", "inference_overhead", "PARTS"]
+__all__ = ["profile_bundle", "profile_table", "inference_overhead", "network_step_seconds", "PARTS"]
 
 #: the parts of a training step, in the order they are reported
 PARTS = ("data", "corruption_and_losses", "forward", "backward", "optimizer", "other")
@@ -279,6 +279,31 @@ def inference_overhead(
     result.update(_inference_overhead(parser, network, repeats))
     result["load"] = os.getloadavg()[0]
     return result
+
+
+def network_step_seconds(
+    network: torch.nn.Module, batch_shape: Sequence[int], num_timesteps: int = 100, repeats: int = 3
+) -> float:
+    """Median wall time of one training step of ``network`` alone: forward on random ``(B, C, *spatial)`` inputs
+    with random timesteps, MSE to the input, backward, an AdamW step. No data loading, corruption or second
+    network (e.g. ADDM's discriminator): a lower bound of what a trainer spends on that network per step.
+
+    The first step (allocation, kernel selection) is not counted; ``repeats`` timed steps follow it.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    x = torch.rand(*batch_shape)
+    t = torch.randint(0, num_timesteps, (batch_shape[0],))
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        loss = F.mse_loss(network(x, t), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:])
 
 
 def profile_table(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -61,3 +61,35 @@ def test_inference_overhead_alone_of_an_untrained_network(tmp_path: Path):
     assert row["bundle"] == "fair" and row["parameters"] > 0
     assert row["network_evaluations"] == row["inference_batch"][0] > 0  # FAIR: one restoration per image
     assert 0.5 < row["inference_overhead"] < 20.0 and row["network_seconds"] > 0
+
+
+def test_network_step_seconds_times_real_optimiser_steps():
+    import torch
+
+    from medad.engine.profiling import network_step_seconds
+    from medad.networks import AnomalyUNet
+
+    torch.manual_seed(0)
+    unet = AnomalyUNet(2, 1, 1, channels=(8, 16), num_res_blocks=1, attention_levels=(False, False), num_head_channels=8)
+    before = [p.detach().clone() for p in unet.parameters()]
+    seconds = network_step_seconds(unet, (2, 1, 16, 16), num_timesteps=10, repeats=2)
+    assert 0 < seconds < 60
+    assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters()))  # the steps did update the weights
+    with pytest.raises(ValueError, match="repeats"):
+        network_step_seconds(unet, (2, 1, 16, 16), repeats=0)
+
+
+def test_step_cost_of_the_shipped_mri_networks():
+    """``benchmark.py --step_cost``: the shipped weights load into their bundles' configs and train at the batch
+    shapes the table states (the paper-scale networks are only timed by hand: minutes per step)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medad_benchmark_script", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.step_cost(["disyre", "addm"], repeats=1, scales=("shipped",))
+    assert [(r["bundle"], r["scale"]) for r in rows] == [("disyre", "shipped"), ("addm", "shipped")]
+    # the shipped models' sizes as the results table gives them (docs/results.md 1.3)
+    assert [round(r["parameters"] / 1e6, 2) for r in rows] == [1.02, 0.69]
+    assert all(r["seconds_per_step"] > 0 and r["days_per_100k_steps"] == pytest.approx(r["seconds_per_step"] * 1e5 / 86400)
+               for r in rows)
