@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core (pyproject's ``-n``): each worker, and the runs it starts, computes on one thread, as
+    # two intra-op threads per worker on a 2-core machine made the small networks several times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDAD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
