@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead: eager vs TorchScript vs .pt2 vs ONNX inference speed of the shipped models of "
                              "--methods (default fair disyre) on fixed demo inputs, in one run")
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads for --export-speed")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per format for --export-speed (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per format for --export-speed, timed steps per network for --step_cost (median)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: per bundle of --methods (default: the five methods, on their demo data), steps/s "
                              "of the medad trainer vs a bare PyTorch loop on pre-built batches, the share of each part "

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one pytest worker per core (pyproject's ``-n``): each worker, and the runs it starts, computes on one thread, as
-    # two intra-op threads per worker on a 2-core machine made the small networks several times slower
+    # one pytest worker per core (pyproject's ``-n 2``): each worker, and the runs it starts, computes on one thread;
+    # more threads than cores made the small networks several times slower (docs/results.md, first paragraph)
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
