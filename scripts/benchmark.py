@@ -365,9 +365,9 @@ def main(argv: list[str] | None = None) -> None:
                              "addm) and of their paper-scale networks (--quick false), the network alone, --repeats "
                              "timed steps (median); rows in <run_root>/step_cost.json")
     args = parser.parse_args(argv)
+    methods_given = "--methods" in (sys.argv[1:] if argv is None else argv)  # else each mode has its own default
     if args.step_cost:
-        given = "--methods" in (sys.argv[1:] if argv is None else argv)
-        methods = [m for m in args.methods if m in STEP_COST_BATCHES] if given else list(STEP_COST_BATCHES)
+        methods = [m for m in args.methods if m in STEP_COST_BATCHES] if methods_given else list(STEP_COST_BATCHES)
         if not methods:
             parser.error(f"--step_cost measures {', '.join(STEP_COST_BATCHES)}; none of them is in --methods.")
         rows = step_cost(methods, args.repeats)
@@ -375,11 +375,10 @@ def main(argv: list[str] | None = None) -> None:
         (Path(args.run_root) / "step_cost.json").write_text(json.dumps(rows, indent=2))
         return
     if args.profile:
-        profile(args, explicit_methods="--methods" in (sys.argv[1:] if argv is None else argv))
+        profile(args, explicit_methods=methods_given)
         return
     if args.export_speed:
-        given = "--methods" in (sys.argv[1:] if argv is None else argv)
-        methods = [m for m in args.methods if m in EXPORT_SPEED_DATA] if given else ["fair", "disyre"]
+        methods = [m for m in args.methods if m in EXPORT_SPEED_DATA] if methods_given else ["fair", "disyre"]
         rows = export_speed(methods, Path(args.run_root) / "export_speed", args.threads, args.repeats)
         (Path(args.run_root) / "export_speed.json").write_text(json.dumps(rows, indent=2))
         print(export_speed_table(rows))
